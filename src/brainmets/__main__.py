@@ -1,0 +1,3 @@
+from brainmets.cli import app
+
+app()

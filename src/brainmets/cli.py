@@ -1,0 +1,197 @@
+"""`brainmets split | train | evaluate | predict | export | compare | serve | app` — the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from brainmets.config import PreprocessConfig, make_config
+
+app = typer.Typer(help="Brain lesion segmentation in MRI slices: split, train, evaluate, predict, serve.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+DataOpt = Annotated[Path, typer.Option("--data", "-d", help="The Data.zip or a folder of <name>.tif + <name>_mask.tif pairs (also png/webp/jpg), at any depth.")]
+
+
+class ModelName(str, Enum):
+    unetpp = "unetpp"
+    attention_unet = "attention-unet"
+
+
+class Recipe(str, Enum):
+    fast = "fast"
+    seed = "seed"
+
+
+class Side(str, Enum):
+    test = "test"
+    val = "val"
+    all = "all"
+
+
+def friendly_errors(fn):
+    """Expected failures (bad data, missing files, bad settings) end with one clear line, exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def load_arrays(data: Path, pre: PreprocessConfig):
+    from brainmets.cache import preprocessed
+    from brainmets.data import open_dataset
+
+    dataset = open_dataset(data)
+    console.print(f"{data}: {len(dataset.patients)} patients, {len(dataset.slices)} slices")
+    return dataset, preprocessed(dataset, pre)
+
+
+@app.command()
+@friendly_errors
+def split(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Where to write the split (JSON).")] = Path("split.json"),
+    test_fraction: Annotated[float, typer.Option(help="Share of all patients held out for testing.")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Share of all patients taken from the training side for validation (model selection, early stopping).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the patient shuffle; the same seed and data give the same split.")] = 0,
+) -> None:
+    """Split the patients (never slices) into train / validation / test and write split.json."""
+    from brainmets.data import open_dataset
+    from brainmets.split import make_split
+
+    dataset = open_dataset(data)
+    s = make_split(list(dataset.patients), test_fraction, val_fraction, seed, dataset.fingerprint())
+    s.save(out)
+    console.print(f"{out}: {len(s.train)} train, {len(s.val)} validation, {len(s.test)} test patients")
+
+
+@app.command()
+@friendly_errors
+def train(
+    data: DataOpt,
+    model: Annotated[ModelName, typer.Option("--model", "-m", help="Network to train.")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, config.json, split.json, log.jsonl.")],
+    recipe: Annotated[Recipe, typer.Option(help="'seed': Adam, BCE, 50 epochs, batch 8, lr 0.001, whole slices, fp32. 'fast': 128-px crops with lesion oversampling, a quarter of the empty slices, Dice+BCE, cosine lr, bf16 (see docs/results.md).")] = Recipe.fast,
+    split_file: Annotated[Optional[Path], typer.Option("--split", help="split.json to use; made with seed --seed (80/10/10 by patient) if not given.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (overrides the recipe).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (overrides the recipe).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of Adam (overrides the recipe).")] = None,
+    crop: Annotated[Optional[int], typer.Option(help="Training crop side in px, 0 for whole slices (overrides the recipe).")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast on CPU (overrides the recipe).")] = None,
+    deep_supervision: Annotated[bool, typer.Option(help="U-Net++ only: loss on every nested output.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the split (if made here), initialisation and sampling.")] = 0,
+    threads: Annotated[int, typer.Option(help="Torch threads; 0 uses every core.")] = 0,
+    time_budget: Annotated[Optional[float], typer.Option(help="Minutes; stops before an epoch that would not fit, keeping the best checkpoint.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt (weights, optimizer, epoch).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a network; the best epoch on validation per-patient Dice is kept as best.pt."""
+    from brainmets.split import Split, make_split
+    from brainmets.training import train as run_training
+
+    cfg = make_config(model.value, recipe.value, deep_supervision=deep_supervision, epochs=epochs,
+                      batch_size=batch_size, lr=lr, bf16=bf16, seed=seed, threads=threads,
+                      time_budget_min=time_budget)
+    if crop is not None:
+        cfg = dataclasses.replace(cfg, crop_size=crop or None)
+    dataset, arrays = load_arrays(data, cfg.preprocess)
+    if resume and (out / "split.json").exists():
+        s = Split.load(out / "split.json")
+    elif split_file:
+        s = Split.load(split_file)
+    else:
+        s = make_split(list(dataset.patients), seed=seed, fingerprint=dataset.fingerprint())
+    missing = sorted(set(s.train + s.val) - set(dataset.patients))
+    if missing:
+        raise ValueError(f"split names {len(missing)} patients not in {data}: {', '.join(missing[:5])}")
+    console.print(f"training {cfg.name} ({cfg.recipe} recipe) on {len(s.train)} patients, "
+                  f"validating on {len(s.val)}")
+    result = run_training(cfg, arrays, s, out, resume=resume, progress=progress)
+    console.print(f"best validation per-patient Dice {result['best_val_dice']:.4f}; checkpoints in {out}")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    data: DataOpt,
+    model: Annotated[str, typer.Option("--model", "-m", help="unetpp, attention-unet, best, a .pt checkpoint or a run folder.")],
+    side: Annotated[Side, typer.Option("--split", help="test / val: the patients of the model's own split.json; all: every patient in --data (a held-out set).")] = Side.test,
+    out: Annotated[Optional[Path], typer.Option(help="Write the report (JSON) here.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Probability threshold (default: the model's).")] = None,
+) -> None:
+    """Evaluate a model: per-patient 3-D Dice (headline), lesion-slice and pooled Dice, IoU, precision,
+    recall, HD95, lesion detection."""
+    from brainmets.evaluation import evaluate as run_evaluation
+    from brainmets.registry import resolve
+    from brainmets.training import load_checkpoint, model_from_checkpoint
+
+    path = resolve(model)
+    ckpt = load_checkpoint(path)
+    net, cfg = model_from_checkpoint(ckpt)
+    dataset, arrays = load_arrays(data, cfg.preprocess)
+    if side == Side.all:
+        patients = list(dataset.patients)
+    else:
+        patients = ckpt["split"][side.value]
+        missing = sorted(set(patients) - set(dataset.patients))
+        if missing:
+            raise ValueError(f"{len(missing)} {side.value} patients of {path} are not in {data} "
+                             f"(e.g. {missing[0]}); use --split all to evaluate every patient of {data}")
+    report = run_evaluation(net, arrays, patients, threshold if threshold is not None else cfg.threshold,
+                            progress=True)
+    report = {"model": str(model), "checkpoint": str(path), "data": str(data), "split": side.value, **report}
+    _print_report(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"report written to {out}")
+
+
+def _print_report(r: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{r['model']} on {r['patients']} patients, {r['slices']} slices")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in r.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4f}")
+    Console().print(table)
+
+
+@app.command()
+@friendly_errors
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, TIFF, WebP).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="unetpp, attention-unet, best, a .pt checkpoint or a run folder.")] = "best",
+    out: Annotated[Path, typer.Option(help="Folder for the masks: <input stem>.png, 0/255, the input's size.")] = Path("predictions"),
+) -> None:
+    """Segment images; write one binary mask PNG per input."""
+    import cv2
+
+    from brainmets.inference import Predictor
+    from brainmets.readers import decode_image
+
+    predictor = Predictor.load(model)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in inputs:
+        result = predictor.predict(decode_image(path.read_bytes()))
+        target = out / f"{path.stem}.png"
+        cv2.imwrite(str(target), result.mask.astype("uint8") * 255)
+        console.print(f"{path} -> {target}: {int(result.mask.sum())} lesion px")
+
+
+if __name__ == "__main__":
+    app()

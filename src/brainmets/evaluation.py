@@ -1,0 +1,97 @@
+"""Run a model over whole preprocessed slices and report the metrics of the field, per patient first.
+
+The headline, as in Buda et al. (2019) on this dataset, is the mean per-patient Dice: each patient's
+slices stacked into a volume and scored in 3-D. Also reported: Dice over the slices that hold a lesion
+(2-D), pooled counts over every pixel, HD95 and lesion-wise detection. Empty cases: see metrics.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from brainmets.cache import Arrays
+from brainmets.metrics import Counts, counts, detection, hd95
+from brainmets.preprocessing import normalize
+
+
+def autocast(bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, images: np.ndarray, batch_size: int = 16, bf16: bool = False,
+                          progress: bool = False) -> np.ndarray:
+    """Sigmoid probabilities float32 (N, S, S) for enhanced uint8 slices (N, S, S, 3)."""
+    model.eval()
+    out = np.empty(images.shape[:3], np.float32)
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("predicting", total=len(images))
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(normalize(np.asarray(images[start:start + batch_size])))
+            with autocast(bf16):
+                logits = model(x)
+            out[start:start + len(x)] = torch.sigmoid(logits.float())[:, 0].numpy()
+            bar.advance(task, len(x))
+    return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.fmean(kept) if kept else None
+
+
+def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Every metric of the evaluation report; `probabilities` rows follow `patients`' rows in order."""
+    per_patient, slice_dices, pooled = [], [], Counts(0, 0, 0)
+    lesions = detected = false_positives = 0
+    offset = 0
+    for patient in patients:
+        rows = arrays.rows(patient)
+        target = np.asarray(arrays.masks[rows.start:rows.stop]).astype(bool)
+        pred = probabilities[offset:offset + len(rows)] >= threshold
+        offset += len(rows)
+        c = counts(pred, target)
+        pooled += c
+        det = detection(pred, target)
+        lesions, detected, false_positives = (lesions + det.lesions, detected + det.detected,
+                                              false_positives + det.false_positives)
+        slice_dices += [counts(p, t).dice for p, t in zip(pred, target) if t.any()]
+        per_patient.append({"id": patient, "slices": len(rows), "lesion_slices": int(target.any(axis=(1, 2)).sum()),
+                            "dice": c.dice, "iou": c.iou, "hd95_px": hd95(pred, target),
+                            "lesions": det.lesions, "detected": det.detected, "false_positives": det.false_positives})
+    if offset != len(probabilities):
+        raise ValueError(f"{len(probabilities)} probability maps for {offset} slices")
+    dices = [p["dice"] for p in per_patient]
+    return {
+        "patients": len(patients),
+        "slices": offset,
+        "threshold": threshold,
+        "dice_per_patient_mean": statistics.fmean(dices),
+        "dice_per_patient_median": statistics.median(dices),
+        "dice_per_patient_std": statistics.pstdev(dices),
+        "dice_lesion_slices_mean": _mean(slice_dices),
+        "lesion_slices": len(slice_dices),
+        "dice_pooled": pooled.dice,
+        "iou_pooled": pooled.iou,
+        "precision_pooled": pooled.precision,
+        "recall_pooled": pooled.recall,
+        "hd95_px_mean": _mean([p["hd95_px"] for p in per_patient]),
+        "lesion_sensitivity": detected / lesions if lesions else None,
+        "lesion_fp_per_patient": false_positives / len(patients),
+        "per_patient": per_patient,
+    }
+
+
+def evaluate(model: nn.Module, arrays: Arrays, patients: list[str], threshold: float, bf16: bool = False,
+             batch_size: int = 16, progress: bool = False) -> dict[str, Any]:
+    rows = [i for p in patients for i in arrays.rows(p)]
+    probs = predict_probabilities(model, arrays.images[rows] if rows else arrays.images[:0], batch_size, bf16,
+                                  progress)
+    return report(arrays, patients, probs, threshold)

@@ -1,0 +1,227 @@
+"""Train one network on the training patients, select it on the validation patients.
+
+One loop, in stages: seed the epoch -> train on its batches -> validate (per-patient Dice) ->
+checkpoint (last, and best on validation) -> log -> stop (epochs done or time budget).
+
+Every epoch reseeds torch, numpy and the augmentation from (seed, epoch), so `--resume` after a crash
+replays exactly what an uninterrupted run would have done. Checkpoints are plain dicts of tensors and
+primitives, written to a temporary file and renamed, loadable with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from brainmets.augmentation import train_transform
+from brainmets.cache import Arrays
+from brainmets.config import TrainConfig
+from brainmets.evaluation import autocast, evaluate
+from brainmets.models import build_model
+from brainmets.preprocessing import normalize
+from brainmets.split import Split
+
+console = Console(stderr=True)
+
+
+class Slices(Dataset):
+    """Augmented (image, mask) pairs: float32 (3, s, s) in [0, 1] and float32 (1, s, s) in {0, 1}."""
+
+    def __init__(self, arrays: Arrays, rows: list[int], transform: Callable):
+        self.arrays, self.rows, self.transform = arrays, rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.rows[i]
+        out = self.transform(image=np.asarray(self.arrays.images[row]), mask=np.asarray(self.arrays.masks[row]))
+        return torch.from_numpy(normalize(out["image"])), torch.from_numpy(out["mask"][None].astype(np.float32))
+
+
+def epoch_rows(arrays: Arrays, patients: list[str], empty_fraction: float, rng: np.random.Generator) -> list[int]:
+    """Every lesion slice of the patients, plus a random `empty_fraction` of their empty slices, shuffled."""
+    rows = np.array([i for p in patients for i in arrays.rows(p)], dtype=np.int64)
+    has_lesion = np.asarray(arrays.masks[rows]).reshape(len(rows), -1).any(axis=1) if len(rows) else np.zeros(0, bool)
+    empty = rows[~has_lesion]
+    keep = rng.choice(empty, size=int(round(len(empty) * empty_fraction)), replace=False) if len(empty) else empty
+    chosen = np.concatenate([rows[has_lesion], keep])
+    rng.shuffle(chosen)
+    return chosen.tolist()
+
+
+def make_loss(cfg: TrainConfig) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    if cfg.loss == "bce":
+        base: nn.Module = nn.BCEWithLogitsLoss()
+    elif cfg.loss == "dice_bce":
+        base = DiceCELoss(sigmoid=True, batch=True)  # batch Dice: a crop without lesion is no 0/0
+    else:
+        raise ValueError(f"unknown loss {cfg.loss!r}; expected bce or dice_bce")
+
+    def loss(output: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        outputs = output if isinstance(output, list) else [output]
+        return sum(base(o.float(), target) for o in outputs) / len(outputs)
+
+    return loss
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return float(cfg.lr * 0.5 * (1 + np.cos(np.pi * epoch / cfg.epochs)))
+    raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}; expected constant or cosine")
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's dict; never unpickles code (weights_only), so a hostile file cannot run anything."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable brainmets checkpoint ({str(e).splitlines()[0]})") from e
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, TrainConfig]:
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write to output folder {out}: {e.strerror or e}") from e
+
+
+def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Train to `out/` (last.pt, best.pt, config.json, split.json, log.jsonl); return the best checkpoint's
+    summary."""
+    out = Path(out)
+    check_writable(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_epoch, best, history = 0, -1.0, []
+    if resume:
+        last = out / "last.pt"
+        if not last.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+        ckpt = load_checkpoint(last)
+        saved = TrainConfig.from_dict(ckpt["config"])
+        if saved.model != cfg.model:
+            raise ValueError(f"--resume: {last} holds a {saved.model}, not the requested {cfg.model}")
+        # The run continues with the settings it started with; only the time budget is the new one.
+        cfg = dataclasses.replace(saved, time_budget_min=cfg.time_budget_min)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best, history = ckpt["epoch"], ckpt["best_val_dice"], ckpt["history"]
+        console.print(f"resuming {out} at epoch {start_epoch + 1} (best validation Dice {best:.4f})")
+    cfg.save(out / "config.json")
+    split.save(out / "split.json")
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = make_loss(cfg)
+    transform = train_transform(cfg)
+    started, elapsed_before = time.monotonic(), sum(h["seconds"] for h in history)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        epochs_task = bar.add_task(f"{cfg.name} epochs", total=cfg.epochs, completed=start_epoch, info="")
+        for epoch in range(start_epoch, cfg.epochs):
+            # Stop before an epoch that would not fit the time budget, so every checkpoint is a whole epoch.
+            spent = elapsed_before + time.monotonic() - started
+            per_epoch = spent / max(1, epoch) if epoch else 0.0
+            if cfg.time_budget_min is not None and spent + per_epoch > cfg.time_budget_min * 60:
+                console.print(f"time budget of {cfg.time_budget_min} min reached after {epoch} epochs")
+                break
+            t0 = time.monotonic()
+            # seed the epoch
+            torch.manual_seed(cfg.seed * 1000 + epoch)
+            rng = np.random.default_rng([cfg.seed, epoch])
+            transform.set_random_seed(cfg.seed * 1000 + epoch)
+            rows = epoch_rows(arrays, split.train, cfg.empty_fraction, rng)
+            loader = DataLoader(Slices(arrays, rows, transform), batch_size=cfg.batch_size, shuffle=False,
+                                drop_last=len(rows) > cfg.batch_size, num_workers=cfg.num_workers)
+            lr = learning_rate(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # train
+            model.train()
+            losses = []
+            batch_task = bar.add_task(f"epoch {epoch + 1}", total=len(loader), info="")
+            for x, y in loader:
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(cfg.bf16):
+                    output = model(x)
+                loss = loss_fn(output, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                bar.update(batch_task, advance=1, info=f"loss {np.mean(losses[-20:]):.4f}")
+            bar.remove_task(batch_task)
+            train_seconds = time.monotonic() - t0
+            # validate
+            val = evaluate(model, arrays, split.val, cfg.threshold, bf16=cfg.bf16)
+            val_dice = val["dice_per_patient_mean"]
+            record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)), "val_dice": val_dice,
+                      "val_dice_pooled": val["dice_pooled"], "images": len(rows),
+                      "seconds": time.monotonic() - t0, "images_per_s": len(rows) / train_seconds}
+            history.append(record)
+            # checkpoint
+            state = {"model": _plain(model).state_dict(), "config": cfg.to_dict(), "epoch": epoch + 1,
+                     "best_val_dice": max(best, val_dice), "history": history, "split": dataclasses.asdict(split)}
+            if val_dice > best:
+                best = val_dice
+                save_atomic(state, out / "best.pt")
+            save_atomic({**state, "optimizer": optimizer.state_dict()}, out / "last.pt")
+            # log: rewritten whole from the checkpoint's history, so the two always agree
+            write_atomic(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            bar.update(epochs_task, advance=1,
+                       info=f"loss {record['train_loss']:.4f} val Dice {val_dice:.4f} (best {best:.4f})")
+            console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, validation "
+                          f"per-patient Dice {val_dice:.4f}, {record['seconds']:.0f} s, "
+                          f"{record['images_per_s']:.1f} img/s")
+    return {"best_val_dice": best, "epochs": len(history), "seconds": sum(h["seconds"] for h in history)}
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The model itself, unwrapped from DistributedDataParallel where it is wrapped."""
+    return getattr(model, "module", model)
