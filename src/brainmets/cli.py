@@ -193,5 +193,61 @@ def predict(
         console.print(f"{path} -> {target}: {int(result.mask.sum())} lesion px")
 
 
+@app.command()
+@friendly_errors
+def ship(
+    run: Annotated[Path, typer.Option(help="Finished training run folder (best.pt, config.json, split.json, log.jsonl).")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Model folder to write, e.g. models/attention-unet.")],
+    hardware: Annotated[str, typer.Option(help="Where it was trained, for the model card.")] = "2-core CPU (no GPU)",
+    data_label: Annotated[str, typer.Option(help="What the data is, for the model card.")] = "TCGA LGG (Buda et al. 2019), 88 of 110 patients",
+    onnx: Annotated[bool, typer.Option(help="Also export model.onnx.")] = True,
+) -> None:
+    """Ship a run: weights, ONNX, config, split, log, test metrics and a model card in one folder."""
+    from brainmets.shipping import ship as ship_run
+    from brainmets.training import load_checkpoint, model_from_checkpoint
+
+    _, cfg = model_from_checkpoint(load_checkpoint(run / "best.pt"))
+    _, arrays = load_arrays(data, cfg.preprocess)
+    metrics = ship_run(run, arrays, out, hardware, data_label, onnx=onnx)
+    console.print(f"{out}: test per-patient Dice {metrics['dice_per_patient_mean']:.4f} on {metrics['patients']} patients")
+
+
+@app.command()
+@friendly_errors
+def compare(
+    runs: Annotated[Optional[list[str]], typer.Option("--run", help="LABEL=FOLDER with metrics.json, log.jsonl, config.json; repeatable. Default: the shipped models and docs/seed-recipe.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Data holding the test patients, for the example overlays (skipped without it).")] = None,
+    docs: Annotated[Path, typer.Option(help="Where results.md and its figures go.")] = Path("docs"),
+) -> None:
+    """Regenerate docs/results.md (tables, training curves, per-patient Dice, example overlays)."""
+    from brainmets.registry import SHIPPED, models_dir
+    from brainmets.report import Run, overlay_examples, write_results
+
+    if runs:
+        pairs = [r.split("=", 1) for r in runs]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("--run takes LABEL=FOLDER")
+    else:
+        pairs = [[n, models_dir() / n] for n in SHIPPED if (models_dir() / n / "metrics.json").exists()]
+        if (docs / "seed-recipe" / "metrics.json").exists():
+            pairs.append(["seed recipe", docs / "seed-recipe"])
+    loaded = sorted((Run.load(label, Path(folder)) for label, folder in pairs),
+                    key=lambda r: -r.metrics["dice_per_patient_mean"])
+    if not loaded:
+        raise FileNotFoundError("nothing to compare: no --run given and no shipped model has metrics.json")
+    examples = None
+    if data is not None:
+        from brainmets.evaluation import predict_probabilities
+        from brainmets.training import load_checkpoint, model_from_checkpoint
+
+        best = next(r for r in loaded if (r.folder / "model.pt").exists())
+        net, cfg = model_from_checkpoint(load_checkpoint(best.folder / "model.pt"))
+        _, arrays = load_arrays(data, cfg.preprocess)
+        examples = overlay_examples(best, arrays, lambda x: predict_probabilities(net, x) >= cfg.threshold)
+    out = write_results(loaded, docs, examples)
+    console.print(f"{out} written")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,174 @@
+"""The comparison report: docs/results.md with its tables and figures, from evaluation reports and logs.
+
+Each compared run is a folder holding `metrics.json` (a `brainmets evaluate` report on the test
+patients), `log.jsonl` (the training log) and `config.json`. Nothing here trains or scores: every
+number is read from those files, so the report can always be regenerated.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from brainmets.config import TrainConfig  # noqa: E402
+
+METRICS = [  # (key in the evaluation report, column title)
+    ("dice_per_patient_mean", "Dice / patient (mean)"),
+    ("dice_per_patient_median", "Dice / patient (median)"),
+    ("dice_lesion_slices_mean", "Dice / lesion slice"),
+    ("dice_pooled", "Dice pooled"),
+    ("iou_pooled", "IoU pooled"),
+    ("precision_pooled", "precision"),
+    ("recall_pooled", "recall"),
+    ("hd95_px_mean", "HD95 px"),
+    ("lesion_sensitivity", "lesion sensitivity"),
+    ("lesion_fp_per_patient", "FP lesions / patient"),
+]
+
+
+@dataclass
+class Run:
+    label: str
+    folder: Path
+    metrics: dict
+    log: list[dict]
+    config: TrainConfig
+
+    @classmethod
+    def load(cls, label: str, folder: Path) -> Run:
+        folder = Path(folder)
+        for name in ("metrics.json", "log.jsonl", "config.json"):
+            if not (folder / name).exists():
+                raise FileNotFoundError(f"{folder / name} not found: a compared run needs metrics.json, "
+                                        f"log.jsonl and config.json")
+        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+        return cls(label, folder, json.loads((folder / "metrics.json").read_text()), log,
+                   TrainConfig.load(folder / "config.json"))
+
+    @property
+    def train_minutes(self) -> float:
+        return sum(h["seconds"] for h in self.log) / 60
+
+    @property
+    def images_per_s(self) -> float:
+        return statistics.median(h["images_per_s"] for h in self.log)
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def results_table(runs: list[Run]) -> str:
+    head = ["model", "recipe", *[title for _, title in METRICS], "epochs", "train min", "train img/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        cells = [r.label, r.config.recipe, *[_fmt(r.metrics.get(k)) for k, _ in METRICS], str(len(r.log)),
+                 f"{r.train_minutes:.0f}", f"{r.images_per_s:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_training_curves(runs: list[Run], out: Path) -> None:
+    fig, (ax_dice, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        minutes = np.cumsum([h["seconds"] for h in r.log]) / 60
+        ax_dice.plot(minutes, [h["val_dice"] for h in r.log], marker=".", label=r.label)
+        ax_loss.plot(minutes, [h["train_loss"] for h in r.log], marker=".", label=r.label)
+    ax_dice.set(xlabel="training minutes (2-core CPU)", ylabel="validation Dice per patient", ylim=(0, 1))
+    ax_loss.set(xlabel="training minutes (2-core CPU)", ylabel="training loss", yscale="log")
+    for ax in (ax_dice, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_dice_distribution(runs: list[Run], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(2.2 + 2 * len(runs), 4))
+    values = [[p["dice"] for p in r.metrics["per_patient"]] for r in runs]
+    ax.boxplot(values, showmeans=True)
+    rng = np.random.default_rng(0)
+    for i, v in enumerate(values, start=1):
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(v)), v, s=14, alpha=0.6, zorder=3)
+    ax.set_xticks(range(1, len(runs) + 1), [r.label for r in runs])
+    ax.set(ylabel="Dice per test patient (3-D)", ylim=(-0.02, 1.02))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_overlays(examples: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]], out: Path) -> None:
+    """examples: (title, patient, enhanced uint8 (S,S,3), ground truth (S,S), prediction (S,S))."""
+    fig, axes = plt.subplots(1, len(examples), figsize=(4 * len(examples), 4.3))
+    for ax, (title, patient, image, truth, pred) in zip(np.atleast_1d(axes), examples):
+        ax.imshow(image[..., 1], cmap="gray")  # FLAIR, the sequence the masks were drawn on
+        for mask, colour in ((truth, "lime"), (pred, "red")):
+            if mask.any():
+                ax.contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=1.2)
+        ax.set_title(f"{title}\n{patient}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle("ground truth (green) and prediction (red) on FLAIR", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def overlay_examples(run: Run, arrays, predict) -> list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
+    """The best, median and worst test patients of `run`, each at its slice with the most lesion.
+
+    `predict(images uint8 (N,S,S,3)) -> bool masks (N,S,S)`.
+    """
+    ranked = sorted(run.metrics["per_patient"], key=lambda p: p["dice"], reverse=True)
+    picks = [("best", ranked[0]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[-1])]
+    examples = []
+    for title, p in picks:
+        rows = arrays.rows(p["id"])
+        truth = np.asarray(arrays.masks[rows.start:rows.stop])
+        images = np.asarray(arrays.images[rows.start:rows.stop])
+        pred = predict(images)
+        area = truth.sum(axis=(1, 2)) if truth.any() else pred.sum(axis=(1, 2))
+        i = int(np.argmax(area))
+        examples.append((f"{title}: Dice {p['dice']:.3f}", p["id"], images[i], truth[i], pred[i]))
+    return examples
+
+
+def write_results(runs: list[Run], docs: Path, examples=None) -> Path:
+    """docs/results.md and its figures (results-*.png)."""
+    docs.mkdir(parents=True, exist_ok=True)
+    plot_training_curves(runs, docs / "results-training-curves.png")
+    plot_dice_distribution(runs, docs / "results-dice-per-patient.png")
+    test_sets = {r.label: r.metrics["patients"] for r in runs}
+    lines = [
+        "# Results",
+        "",
+        "Generated by `brainmets compare` from each run's `metrics.json` (a `brainmets evaluate` report on the",
+        "test patients of its `split.json`) and `log.jsonl`; do not edit by hand.",
+        "",
+        f"Test patients per run: {', '.join(f'{k}: {v}' for k, v in test_sets.items())}. Dice per patient is",
+        "3-D over all slices of the patient (Buda et al. 2019 report 0.82 mean on this dataset); HD95 in",
+        "pixels (≈ mm at this resolution) over patients where both masks are non-empty.",
+        "",
+        results_table(runs),
+        "",
+        "![training curves](results-training-curves.png)",
+        "",
+        "![Dice per test patient](results-dice-per-patient.png)",
+        "",
+    ]
+    if examples:
+        plot_overlays(examples, docs / "results-overlays.png")
+        lines += [f"Examples of {runs[0].label}: the best, median and worst test patients.", "",
+                  "![overlays](results-overlays.png)", ""]
+    out = docs / "results.md"
+    out.write_text("\n".join(lines))
+    return out
