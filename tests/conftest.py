@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import zipfile
@@ -26,6 +27,16 @@ MAKE_DATA_ZIP = REAL_DATA.parent / "make_data_zip.py"
 def _isolated_cache(tmp_path_factory):
     """Tests never read or fill the user's cache."""
     os.environ["BRAINMETS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test networks gain nothing from threads, and on a busy 2-core machine OpenMP threads waiting on
+    each other make a training step up to 100x slower (0.02 s -> 2 s). Subprocesses inherit the setting."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def synthetic_slice(rng: np.random.Generator, size: int = 64, lesion: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -112,3 +123,56 @@ def real_zip(real_data, tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(MAKE_DATA_ZIP), str(out), *patients, "--macosx"], check=True,
                    capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def models_root(tiny_run, tmp_path_factory) -> Path:
+    """A models/ folder laid out as shipped, for BRAINMETS_MODELS: attention-unet is the tiny trained model
+    exported to ONNX (the better metrics.json, so it is `best`); unetpp a tiny untrained U-Net++ with no
+    ONNX file (served by PyTorch), so `ensemble` averages two different networks."""
+    import shutil
+
+    import torch
+
+    from brainmets.export import export_onnx
+    from brainmets.models import build_model
+
+    root = tmp_path_factory.mktemp("models")
+    (root / "attention-unet").mkdir()
+    shutil.copy(tiny_run / "best.pt", root / "attention-unet" / "model.pt")
+    export_onnx(root / "attention-unet" / "model.pt")
+    (root / "unetpp").mkdir()
+    cfg = tiny_config("unetpp")
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict(), "epoch": 0},
+               root / "unetpp" / "model.pt")
+    cfg.save(root / "unetpp" / "config.json")
+    for name, dice in (("attention-unet", 0.6), ("unetpp", 0.1)):
+        (root / name / "metrics.json").write_text(f'{{"model": "{name}", "checkpoint": "/secret/{name}.pt", '
+                                                  f'"dice_per_patient_mean": {dice}, "patients": 2}}\n')
+    return root
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def api_server(models_root, tmp_path_factory):
+    """The real API, `brainmets serve`, on a free loopback port serving `models_root`: its base URL."""
+    from brainmets.app.launch import serve_command, wait_until_up
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "BRAINMETS_MODELS": str(models_root), "BRAINMETS_THREADS": "1"}
+    with (tmp_path_factory.mktemp("api") / "api.log").open("w") as log:
+        process = subprocess.Popen(serve_command("127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until_up(f"{url}/health", process, "API", timeout_s=60)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(10)

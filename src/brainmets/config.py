@@ -35,6 +35,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.name!r}; expected one of {', '.join(MODEL_NAMES)}")
+        if self.deep_supervision and self.name != "unetpp":
+            raise ValueError(f"deep supervision needs nested decoder outputs: unetpp only, not {self.name}")
 
 
 DEFAULT_WIDTHS = {
@@ -69,6 +71,15 @@ class TrainConfig:
     seed: int = 0
     time_budget_min: float | None = None  # stop cleanly after this many minutes
     threshold: float = 0.5  # on the sigmoid, for every binary mask we report or serve
+
+    def __post_init__(self) -> None:
+        # Both networks halve the side 4 times; another size fails deep inside the network instead.
+        size = self.preprocess.image_size
+        if size % 16:
+            raise ValueError(f"image size {size} px: expected a multiple of 16")
+        if self.crop_size is not None and not (0 < self.crop_size <= size and self.crop_size % 16 == 0):
+            raise ValueError(f"crop {self.crop_size} px: expected a multiple of 16 no larger than the image "
+                             f"size {size}, or whole slices (crop 0 on the command line)")
 
     @property
     def name(self) -> str:

@@ -139,9 +139,12 @@ def open_dataset(path: str | Path) -> Dataset:
         if _ignored(key) or p.suffix.lower() not in IMAGE_EXTS:
             continue
         if p.stem.endswith(MASK_SUFFIX):
-            masks[str(p.with_name(p.stem[: -len(MASK_SUFFIX)]))] = key
+            found, stem = masks, str(p.with_name(p.stem[: -len(MASK_SUFFIX)]))
         else:
-            images[str(p.with_suffix(""))] = key
+            found, stem = images, str(p.with_suffix(""))
+        if stem in found:  # e.g. scan.tif beside scan.png: which one to use is not ours to guess
+            raise DataError(f"{source.describe(key)}: two files for one slice, with {found[stem]}; keep one")
+        found[stem] = key
     for stem in sorted(masks.keys() - images.keys()):
         raise DataError(f"{source.describe(masks[stem])}: mask without image ({stem}.<ext> not found)")
     for stem in sorted(images.keys() - masks.keys()):
@@ -156,4 +159,9 @@ def open_dataset(path: str | Path) -> Dataset:
         patient, number = _patient_and_number(key, root_name)
         patients.setdefault(patient, []).append(SlicePair(patient, number, key, masks[stem]))
     ordered = {p: sorted(patients[p], key=lambda s: (s.number, s.image)) for p in sorted(patients)}
+    for slices in ordered.values():
+        for a, b in zip(slices, slices[1:]):
+            if a.number == b.number >= 0:
+                raise DataError(f"{source.describe(b.image)}: slice {b.number} of patient {b.patient} twice "
+                                f"(also {a.image}); a patient's slices need distinct numbers")
     return Dataset(source, ordered)

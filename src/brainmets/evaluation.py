@@ -21,8 +21,8 @@ from brainmets.metrics import Counts, counts, detection, hd95
 from brainmets.preprocessing import normalize
 
 
-def autocast(bf16: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def autocast(bf16: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -30,14 +30,15 @@ def predict_probabilities(model: nn.Module, images: np.ndarray, batch_size: int 
                           progress: bool = False) -> np.ndarray:
     """Sigmoid probabilities float32 (N, S, S) for enhanced uint8 slices (N, S, S, 3)."""
     model.eval()
+    device = next(model.parameters()).device
     out = np.empty(images.shape[:3], np.float32)
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("predicting", total=len(images))
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(normalize(np.asarray(images[start:start + batch_size])))
-            with autocast(bf16):
+            x = torch.from_numpy(normalize(np.asarray(images[start:start + batch_size]))).to(device)
+            with autocast(bf16, device.type):
                 logits = model(x)
-            out[start:start + len(x)] = torch.sigmoid(logits.float())[:, 0].numpy()
+            out[start:start + len(x)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
             bar.advance(task, len(x))
     return out
 
