@@ -18,3 +18,19 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# Retrain, evaluate and ship both models as shipped in models/ (about 80 minutes on 2 CPU cores: the two
+# networks train side by side, one core each), then regenerate docs/results.md.
+DATA ?= ../shared/data/lgg
+BUDGET ?= 80
+.PHONY: models
+models: install
+	$(VENV)/bin/brainmets split --data $(DATA) --out runs/split.json
+	$(VENV)/bin/brainmets train --data $(DATA) --model attention-unet --split runs/split.json --out runs/attention-unet \
+		--epochs 30 --threads 1 --time-budget $(BUDGET) --no-progress & \
+	$(VENV)/bin/brainmets train --data $(DATA) --model unetpp --split runs/split.json --out runs/unetpp \
+		--epochs 16 --threads 1 --time-budget $(BUDGET) --no-progress & \
+	wait
+	$(VENV)/bin/brainmets ship --run runs/attention-unet --data $(DATA) --out models/attention-unet
+	$(VENV)/bin/brainmets ship --run runs/unetpp --data $(DATA) --out models/unetpp
+	$(VENV)/bin/brainmets compare --data $(DATA)

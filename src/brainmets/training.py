@@ -108,10 +108,14 @@ def learning_rate(cfg: TrainConfig, progress: float) -> float:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash or a full disk leaves the previous file whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write (ENOSPC) as a RuntimeError
+        raise OSError(f"cannot write checkpoint {path} ({e}); is the disk full? The previous "
+                      f"{path.name} is untouched") from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -169,6 +173,8 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
         last = out / "last.pt"
         if not last.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+        for stale in out.glob(".*.tmp-*"):  # left by a writer killed mid-write; never read
+            stale.unlink(missing_ok=True)
         ckpt = load_checkpoint(last)
         saved = TrainConfig.from_dict(ckpt["config"])
         if saved.model != cfg.model:
