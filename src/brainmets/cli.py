@@ -1,16 +1,18 @@
-"""`brainmets split | train | evaluate | predict | export | compare | serve | app` — the command line."""
+"""`brainmets split | train | evaluate | predict | export | compare | serve | app | run` — the command line."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from brainmets.config import PreprocessConfig, make_config
 
@@ -44,7 +46,8 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, OSError) as e:
-            console.print(f"[red]error:[/red] {e}")
+            # escaped: a path holding [...] is text, not rich markup; soft_wrap: one line at any width
+            console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -91,6 +94,7 @@ def train(
     crop: Annotated[Optional[int], typer.Option(help="Training crop side in px, 0 for whole slices (overrides the recipe).")] = None,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast on CPU (overrides the recipe).")] = None,
     deep_supervision: Annotated[bool, typer.Option(help="U-Net++ only: loss on every nested output.")] = False,
+    image_size: Annotated[int, typer.Option(help="Side in px every slice is resized to (a multiple of 16); the models ship at 256.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the split (if made here), initialisation and sampling.")] = 0,
     threads: Annotated[int, typer.Option(help="Torch threads; 0 uses every core.")] = 0,
     time_budget: Annotated[Optional[float], typer.Option(help="Minutes; stops before an epoch that would not fit, keeping the best checkpoint.")] = None,
@@ -104,8 +108,9 @@ def train(
     cfg = make_config(model.value, recipe.value, deep_supervision=deep_supervision, epochs=epochs,
                       batch_size=batch_size, lr=lr, bf16=bf16, seed=seed, threads=threads,
                       time_budget_min=time_budget)
-    if crop is not None:
-        cfg = dataclasses.replace(cfg, crop_size=crop or None)
+    # Size and crop together: the config checks that the crop fits the slice (make_config skips None).
+    crop_setting = {} if crop is None else {"crop_size": crop or None}
+    cfg = dataclasses.replace(cfg, preprocess=PreprocessConfig(image_size=image_size), **crop_setting)
     dataset, arrays = load_arrays(data, cfg.preprocess)
     if resume and (out / "split.json").exists():
         s = Split.load(out / "split.json")
@@ -119,7 +124,8 @@ def train(
     console.print(f"training {cfg.name} ({cfg.recipe} recipe) on {len(s.train)} patients, "
                   f"validating on {len(s.val)}")
     result = run_training(cfg, arrays, s, out, resume=resume, progress=progress)
-    console.print(f"best validation per-patient Dice {result['best_val_dice']:.4f}; checkpoints in {out}")
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"best validation per-patient Dice {result['best_val_dice']:.4f}; checkpoints in {out}")
 
 
 @app.command()
@@ -174,23 +180,70 @@ def _print_report(r: dict) -> None:
 @app.command()
 @friendly_errors
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, TIFF, WebP).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="unetpp, attention-unet, best, a .pt checkpoint or a run folder.")] = "best",
-    out: Annotated[Path, typer.Option(help="Folder for the masks: <input stem>.png, 0/255, the input's size.")] = Path("predictions"),
+    inputs: Annotated[list[Path], typer.Argument(help="Slices (PNG, JPEG, TIFF, WebP, DICOM) or NIfTI volumes (.nii, .nii.gz).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="unetpp, attention-unet, best, ensemble, a .pt checkpoint or a run folder.")] = "best",
+    out: Annotated[Path, typer.Option(help="Folder for the masks: <stem>.png (0/255, the input's size) per slice, <stem>.nii.gz (the input's grid) per volume.")] = Path("predictions"),
+    tta: Annotated[bool, typer.Option(help="Average over horizontal and vertical flips (3x the time).")] = False,
 ) -> None:
-    """Segment images; write one binary mask PNG per input."""
-    import cv2
-
+    """Segment slices and volumes with the inference engine of the API; write one mask per input."""
     from brainmets.inference import Predictor
-    from brainmets.readers import decode_image
+    from brainmets.readers import read_slice, read_volume, sniff
 
     predictor = Predictor.load(model)
     out.mkdir(parents=True, exist_ok=True)
+    failed = 0
     for path in inputs:
-        result = predictor.predict(decode_image(path.read_bytes()))
-        target = out / f"{path.stem}.png"
-        cv2.imwrite(str(target), result.mask.astype("uint8") * 255)
-        console.print(f"{path} -> {target}: {int(result.mask.sum())} lesion px")
+        try:
+            data = path.read_bytes()
+            if sniff(data).startswith("nifti"):
+                target = out / f"{path.name.removesuffix('.gz').removesuffix('.nii')}.nii.gz"
+                volume = predictor.predict_volume(read_volume(data), tta)
+                mask, summary = volume.nifti_gz(), (f"{volume.lesion_voxels} lesion voxels, "
+                                                    f"{volume.lesion_volume_mm3:.1f} mm³")
+            else:
+                target = out / f"{path.stem}.png"
+                image = read_slice(data)
+                result = predictor.predict(image.pixels, image.spacing, tta)
+                mm2 = f", {result.lesion_area_mm2:.1f} mm²" if result.lesion_area_mm2 is not None else ""
+                mask, summary = result.mask_png(), f"{len(result.lesions)} lesions, {result.lesion_area_px} px{mm2}"
+            if target.resolve() == path.resolve():
+                raise ValueError(f"the mask would overwrite the input; choose another --out than {out}")
+        except (ValueError, OSError) as e:  # one bad file does not stop the others
+            console.print(f"[red]error:[/red] {escape(f'{path}: {e}')}", soft_wrap=True)
+            failed += 1
+            continue
+        target.write_bytes(mask)
+        console.print(f"{path} -> {target}: {summary}")
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; loopback by default (0.0.0.0 opens the API to the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the HTTP API (docs at /docs). Settings come from BRAINMETS_* environment variables: models
+    folder, upload limit, threads, workers, queue, CORS origins (see brainmets/api/settings.py)."""
+    import uvicorn
+
+    # No `server: uvicorn` header: responses say nothing about the software behind them.
+    uvicorn.run("brainmets.api.main:app", host=host, port=port, server_header=False)
+
+
+@app.command()
+@friendly_errors
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="unetpp, attention-unet, best, a .pt checkpoint or a run folder.")],
+    out: Annotated[Optional[Path], typer.Option(help="ONNX file to write; default: beside the checkpoint, with suffix .onnx, where the engine looks for it.")] = None,
+) -> None:
+    """Export a checkpoint to ONNX (config.json beside it), checked against PyTorch within 1e-4."""
+    from brainmets.export import export_onnx
+    from brainmets.registry import resolve
+
+    result = export_onnx(resolve(checkpoint), out)
+    console.print(f"{result.onnx} and {result.config} written; largest |ONNX - PyTorch| logit difference "
+                  f"{result.max_abs_diff:.1e}")
 
 
 @app.command()
@@ -247,6 +300,32 @@ def compare(
         examples = overlay_examples(best, arrays, lambda x: predict_probabilities(net, x) >= cfg.threshold)
     out = write_results(loaded, docs, examples)
     console.print(f"{out} written")
+
+
+@app.command("app")
+def app_page(
+    host: Annotated[str, typer.Option(help="Address the page listens on; loopback by default.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the page.")] = 8501,
+    api: Annotated[str, typer.Option(help="Base URL of the brainmets API the page calls.")] = "http://127.0.0.1:8000",
+    docs: Annotated[Optional[Path], typer.Option(help="Folder with results.md and its figures (default: the repository's docs/).")] = None,
+) -> None:
+    """Start the Streamlit page; it reaches the API only over HTTP at --api."""
+    from brainmets.app.launch import exec_page
+
+    console.print(f"page: http://{host}:{port} (API: {api})")
+    exec_page(host, port, api, docs)
+
+
+@app.command()
+def run(
+    host: Annotated[str, typer.Option(help="Address both listen on; loopback by default.")] = "127.0.0.1",
+    api_port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port of the page.")] = 8501,
+) -> None:
+    """Start the API (with the shipped models) and the page together; Ctrl-C stops both."""
+    from brainmets.app.launch import run_both
+
+    raise typer.Exit(run_both(host, api_port, port, say=console.print))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""Regenerate the page's screenshots (segment.png, compare.png, about.png) beside this file.
+
+    .venv/bin/python docs/screenshots/take.py [--slice FILE] [--data /work/shared/data/lgg]
+
+Starts the API (`brainmets serve`, models from $BRAINMETS_MODELS or models/) and the page on free loopback
+ports, uploads a slice of the reference data (by default the one with the largest lesion among the test
+patients of the best shipped model), and photographs each view with Debian's Chromium.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import cv2
+from playwright.sync_api import sync_playwright
+
+from brainmets.app.launch import page_command, page_env, serve_command, stop, wait_until_up
+from brainmets.registry import SHIPPED, models_dir
+
+HERE = Path(__file__).resolve().parent
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def largest_lesion_slice(data: Path) -> Path:
+    """The slice with the most lesion pixels among the shipped models' test patients (all patients if no
+    split is shipped)."""
+    splits = [models_dir() / n / "split.json" for n in SHIPPED if (models_dir() / n / "split.json").exists()]
+    patients = json.loads(splits[0].read_text())["test"] if splits else [p.name for p in data.iterdir() if p.is_dir()]
+    masks = [m for p in patients for m in (data / p).glob("*_mask.*")]
+    best = max(masks, key=lambda m: int((cv2.imread(str(m), cv2.IMREAD_GRAYSCALE) > 0).sum()))
+    return next(best.parent.glob(best.name.replace("_mask", "").rsplit(".", 1)[0] + ".*"))
+
+
+def as_tiff(image: Path, folder: Path) -> Path:
+    """The original Data.zip hands out TIFFs; the shared copy stores lossless WebP."""
+    out = folder / (image.stem + ".tif")
+    cv2.imwrite(str(out), cv2.imread(str(image), cv2.IMREAD_UNCHANGED))
+    return out
+
+
+def shoot(page, path: Path) -> None:
+    """The whole view: Streamlit scrolls inside its own container, so the window grows to fit it first."""
+    page.locator(IDLE).wait_for()
+    page.wait_for_timeout(500)  # images finish decoding
+    height = page.evaluate("document.querySelector('[data-testid=\"stMainBlockContainer\"]').scrollHeight")
+    page.set_viewport_size({"width": page.viewport_size["width"], "height": min(height + 40, 6000)})
+    page.wait_for_timeout(300)
+    page.screenshot(path=path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slice", type=Path, help="Slice to upload (default: picked from --data).")
+    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/lgg"))
+    parser.add_argument("--width", type=int, default=1500)
+    args = parser.parse_args()
+    api_port, page_port = free_port(), free_port()
+    api, page_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{page_port}"
+    processes = [subprocess.Popen(serve_command("127.0.0.1", api_port)),
+                 subprocess.Popen(page_command("127.0.0.1", page_port), env=page_env(api))]
+    try:
+        wait_until_up(f"{api}/health", processes[0], "API")
+        wait_until_up(f"{page_url}/_stcore/health", processes[1], "page")
+        with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+            upload = as_tiff(args.slice or largest_lesion_slice(args.data), Path(tmp))
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": args.width, "height": 1300})
+            page.set_default_timeout(60_000)
+            page.goto(page_url)
+            page.locator('[data-testid="stFileUploaderDropzoneInput"]').wait_for(state="attached")
+            page.locator(IDLE).wait_for()
+            if page.get_by_test_id("stSelectbox").count():
+                page.get_by_test_id("stSelectbox").click()
+                options = page.get_by_role("option")
+                labels = options.all_inner_texts()
+                options.nth(labels.index("both side by side") if "both side by side" in labels else 0).click()
+                page.locator(IDLE).wait_for()
+            page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(upload))
+            page.get_by_test_id("stDataFrame").first.wait_for()
+            shoot(page, HERE / "segment.png")
+            for view in ("Compare", "About"):
+                page.get_by_role("tab", name=view).click()
+                shoot(page, HERE / f"{view.lower()}.png")
+            browser.close()
+        print(f"uploaded {upload.name}; screenshots in {HERE}")
+    finally:
+        stop(processes)
+
+
+if __name__ == "__main__":
+    main()

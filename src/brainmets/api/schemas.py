@@ -1,0 +1,77 @@
+"""Request options and response bodies of the API, with the examples shown in the OpenAPI docs."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelChoice(str, Enum):
+    """The only model names a request may give; each maps through `brainmets.registry.resolve`."""
+
+    best = "best"
+    unetpp = "unetpp"
+    attention_unet = "attention-unet"
+    ensemble = "ensemble"
+
+
+class OutputFormat(str, Enum):
+    json = "json"
+    png = "png"
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+    models: list[str] = Field(description="Installed shipped models.", examples=[["unetpp", "attention-unet"]])
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(examples=["attention-unet"])
+    best: bool = Field(description="The model `best` resolves to (higher test per-patient Dice).")
+    runtime: str | None = Field(description="onnxruntime or torch once loaded, null before.",
+                                examples=["onnxruntime"])
+    image_size: int | None = Field(description="Side of the square every slice is resized to.", examples=[256])
+    threshold: float | None = Field(description="Probability threshold of the mask.", examples=[0.5])
+    metrics: dict[str, float | int] | None = Field(
+        description="The model's test evaluation (models/<name>/metrics.json): per-patient Dice and friends.",
+        examples=[{"dice_per_patient_mean": 0.83, "dice_pooled": 0.86, "patients": 9}])
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class LesionOut(BaseModel):
+    area_px: int = Field(examples=[412])
+    area_mm2: float | None = Field(description="Null when the file carries no pixel spacing.", examples=[158.2])
+    centroid: tuple[float, float] = Field(description="(x, y) in pixels of the input image.",
+                                          examples=[[101.4, 87.9]])
+    bbox: tuple[int, int, int, int] = Field(description="(x, y, width, height) in pixels.",
+                                            examples=[[88, 70, 27, 33]])
+    mean_probability: float = Field(examples=[0.91])
+
+
+PNG_BASE64_EXAMPLE = "iVBORw0KGgoAAAANSUhEUgAAAQAAAAEACAAAAAB5Gfe6AAAA..."
+
+
+class SegmentResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str = Field(description="The model that answered (`best` is reported as the model it resolved to).",
+                       examples=["attention-unet"])
+    width: int = Field(examples=[256])
+    height: int = Field(examples=[256])
+    lesions: list[LesionOut]
+    lesion_area_px: int = Field(examples=[412])
+    lesion_area_mm2: float | None = Field(description="Null when the pixel spacing is unknown.", examples=[None])
+    mask_png: str = Field(description="Base64 PNG, 0/255, the input's size.", examples=[PNG_BASE64_EXAMPLE])
+    probability_png: str = Field(description="Base64 PNG, probability x 255, the input's size.",
+                                 examples=[PNG_BASE64_EXAMPLE])
+    inference_ms: float = Field(description="Preprocessing, network and lesion analysis.", examples=[14.2])
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="What is wrong and what is accepted.",
+                        examples=["unsupported file type: expected PNG, JPEG, TIFF, WebP, DICOM (.dcm) or NIfTI "
+                                  "(.nii, .nii.gz)"])

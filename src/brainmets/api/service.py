@@ -1,0 +1,147 @@
+"""What the routes call: the installed models (each loaded once), the bounded inference pool, and the
+work of one request (decode, predict, encode), which runs inside the pool, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from brainmets.api.schemas import LesionOut, ModelInfo, SegmentResponse
+from brainmets.config import TrainConfig
+from brainmets.inference import ENSEMBLE, Network, Prediction, Predictor
+from brainmets.readers import read_slice, read_volume
+from brainmets.registry import SHIPPED, best_name, models_dir, resolve, shipped_metrics
+
+
+class ModelNotInstalled(LookupError):
+    """A valid model name with no model installed behind it."""
+
+
+class Overloaded(Exception):
+    """Every worker is busy and the queue is full, or a request ran past the time limit."""
+
+
+class Models:
+    """The shipped networks, each loaded on first use (or at start-up) and shared by `ensemble`."""
+
+    def __init__(self, runtime: str = "auto", threads: int = 0):
+        self.runtime, self.threads = runtime, threads
+        self._networks: dict[str, Network] = {}
+        self._lock = threading.Lock()
+
+    def installed(self) -> list[str]:
+        return [name for name in SHIPPED if (models_dir() / name / "model.pt").is_file()]
+
+    def preload(self) -> None:
+        for name in self.installed():
+            self.network(name).warm_up()
+
+    def network(self, name: str) -> Network:
+        if name not in SHIPPED:  # requests reach here through ModelChoice; this keeps any other caller honest
+            raise ModelNotInstalled(f"unknown model {name!r}; expected one of {', '.join(SHIPPED)}")
+        with self._lock:
+            if name not in self._networks:
+                try:
+                    path = resolve(name)
+                except FileNotFoundError as e:
+                    raise ModelNotInstalled(f"model {name!r} is not installed on this server; installed: "
+                                            f"{', '.join(self.installed()) or 'none'}") from e
+                self._networks[name] = Network.load(path, self.runtime, self.threads)
+            return self._networks[name]
+
+    def predictor(self, choice: str) -> Predictor:
+        """`best`, `ensemble` (both shipped networks) or a shipped name."""
+        if choice == "best":
+            try:
+                choice = best_name()
+            except FileNotFoundError as e:
+                raise ModelNotInstalled(f"no installed model has test metrics to pick `best` by; installed: "
+                                        f"{', '.join(self.installed()) or 'none'}") from e
+        names = SHIPPED if choice == ENSEMBLE else (choice,)
+        return Predictor([self.network(n) for n in names], choice)
+
+    def info(self) -> list[ModelInfo]:
+        try:
+            best = best_name()
+        except FileNotFoundError:
+            best = None
+        out = []
+        for name in self.installed():
+            config_path = models_dir() / name / "config.json"
+            cfg = TrainConfig.load(config_path) if config_path.is_file() else None
+            loaded = self._networks.get(name)
+            out.append(ModelInfo(name=name, best=name == best, runtime=loaded.runtime if loaded else None,
+                                 image_size=cfg.preprocess.image_size if cfg else None,
+                                 threshold=cfg.threshold if cfg else None, metrics=_numbers(shipped_metrics(name))))
+        return out
+
+
+def _numbers(metrics: dict[str, Any] | None) -> dict[str, float | int] | None:
+    """The report's figures only: its paths (checkpoint, data) say nothing to a client about the model."""
+    if metrics is None:
+        return None
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+class InferencePool:
+    """`workers` threads run requests; up to `queue` more wait; beyond that a request is refused at once
+    (Overloaded -> 503 + Retry-After) instead of piling up. A slot is freed only when its work has really
+    finished, so a request that timed out cannot let more work onto the cores than they hold."""
+
+    def __init__(self, workers: int, queue: int):
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="inference")
+        self._slots = threading.BoundedSemaphore(workers + queue)
+
+    async def run(self, timeout_s: float, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self._slots.acquire(blocking=False):
+            raise Overloaded("the server is busy: every inference worker is taken and the queue is full; retry shortly")
+        future = self._executor.submit(fn, *args)
+        future.add_done_callback(lambda _: self._slots.release())
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except TimeoutError:
+            raise Overloaded(f"the request took longer than the limit of {timeout_s:g} s; retry later") from None
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def predict_slice(models: Models, data: bytes, choice: str, tta: bool, max_pixels: int) -> tuple[str, Prediction]:
+    image = read_slice(data, max_pixels)
+    predictor = models.predictor(choice)
+    return predictor.name, predictor.predict(image.pixels, image.spacing, tta)
+
+
+def segment_json(models: Models, data: bytes, choice: str, tta: bool, max_pixels: int) -> SegmentResponse:
+    name, p = predict_slice(models, data, choice, tta, max_pixels)
+    height, width = p.mask.shape
+    return SegmentResponse(
+        model=name, width=width, height=height,
+        lesions=[LesionOut(area_px=les.area_px, area_mm2=les.area_mm2, centroid=les.centroid, bbox=les.bbox,
+                           mean_probability=les.mean_probability) for les in p.lesions],
+        lesion_area_px=p.lesion_area_px, lesion_area_mm2=p.lesion_area_mm2,
+        mask_png=base64.b64encode(p.mask_png()).decode(), probability_png=base64.b64encode(p.probability_png()).decode(),
+        inference_ms=p.seconds * 1000)
+
+
+def segment_png(models: Models, data: bytes, choice: str, tta: bool, max_pixels: int) -> tuple[bytes, dict[str, str]]:
+    name, p = predict_slice(models, data, choice, tta, max_pixels)
+    headers = {"X-Model": name, "X-Lesion-Area-Px": str(p.lesion_area_px), "X-Lesion-Count": str(len(p.lesions)),
+               "X-Inference-Ms": f"{p.seconds * 1000:.1f}"}
+    if p.lesion_area_mm2 is not None:
+        headers["X-Lesion-Area-Mm2"] = f"{p.lesion_area_mm2:.2f}"
+    return p.mask_png(), headers
+
+
+def segment_volume(models: Models, data: bytes, choice: str, tta: bool, max_voxels: int) -> tuple[bytes, dict[str, str]]:
+    volume = read_volume(data, max_voxels)
+    predictor = models.predictor(choice)
+    p = predictor.predict_volume(volume, tta)
+    headers = {"X-Model": predictor.name, "X-Lesion-Volume-Mm3": f"{p.lesion_volume_mm3:.2f}",
+               "X-Lesion-Voxels": str(p.lesion_voxels), "X-Inference-Ms": f"{p.seconds * 1000:.1f}"}
+    return p.nifti_gz(), headers

@@ -1,0 +1,57 @@
+"""The one settings object of the API, read from environment variables prefixed BRAINMETS_.
+
+    BRAINMETS_MODELS             folder of shipped models, models/<name>/model.pt (+ model.onnx)
+    BRAINMETS_MAX_UPLOAD_MB      request body limit, enforced while the body streams in (50)
+    BRAINMETS_MAX_PIXELS         largest slice a header may declare, decompression-bomb guard (25 M)
+    BRAINMETS_MAX_VOXELS         largest NIfTI volume a header may declare (64 Mi)
+    BRAINMETS_THREADS            threads of one inference (0: one per physical core)
+    BRAINMETS_WORKERS            inferences at once; workers x threads should not exceed the cores (1)
+    BRAINMETS_QUEUE              requests that may wait for a worker; beyond them: 503 + Retry-After (32)
+    BRAINMETS_REQUEST_TIMEOUT_S  longest wait plus run of one slice request before it is answered 503 (60)
+    BRAINMETS_VOLUME_TIMEOUT_S   the same for a volume, segmented slice by slice (600)
+    BRAINMETS_CORS_ORIGINS       JSON list of browser origins allowed to call the API ([]: none)
+    BRAINMETS_RUNTIME            auto | onnxruntime | torch (auto: ONNX Runtime where exported)
+    BRAINMETS_PRELOAD            load every installed model at start-up rather than on first use (true)
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from brainmets.readers import MAX_PIXELS, MAX_VOXELS
+from brainmets.registry import models_dir
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BRAINMETS_", frozen=True)
+
+    max_upload_mb: float = Field(50.0, gt=0)
+    max_pixels: int = Field(MAX_PIXELS, gt=0)
+    max_voxels: int = Field(MAX_VOXELS, gt=0)
+    threads: int = Field(0, ge=0)
+    workers: int = Field(1, ge=1)
+    queue: int = Field(32, ge=0)
+    request_timeout_s: float = Field(60.0, gt=0)
+    volume_timeout_s: float = Field(600.0, gt=0)
+    cors_origins: list[str] = []
+    runtime: Literal["auto", "onnxruntime", "torch"] = "auto"
+    preload: bool = True
+
+    @property
+    def models(self) -> Path:
+        """BRAINMETS_MODELS, read by `brainmets.registry`: the only place where model names become paths."""
+        return models_dir()
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,46 @@
+"""The About view: the data, what the numbers mean, and what the page must not be used for."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+ABOUT = """
+### The data
+The models were trained on the **TCGA lower-grade glioma** collection prepared by Buda et al.
+(2019, *Computers in Biology and Medicine* 109:218-225, "Association of genomic subtypes of lower-grade
+gliomas with shape features automatically extracted by a deep learning algorithm"): 110 patients
+from The Cancer Imaging Archive, 3 929 axial slices of 256 x 256 px with three channels
+(pre-contrast, FLAIR, post-contrast). The masks outline the **FLAIR abnormality**, drawn by a
+radiologist; about a third of the slices hold a lesion. The shipped models used 88 of the 110
+patients, split by patient (never by slice) into training, validation and test, so no test patient was
+seen in training.
+
+### What the page does
+The file goes to the brainmets API, which applies the training preprocessing (three 8-bit channels,
+resize to the network's input, CLAHE per channel), runs the chosen network, and returns the
+probability map and the mask at the model's threshold (0.5), both at the input's size. *CLAHE-enhanced*
+shows what the network sees. The overlay and the heat map are drawn on the middle channel, FLAIR in the
+reference data, on which its masks were drawn. Lesions are the connected components of the mask; their area is in
+pixels, and in mm² when the file carries a pixel spacing (DICOM, NIfTI). *Flip TTA* averages the
+prediction over flipped copies of the slice; *ensemble* averages both networks' probabilities.
+
+### What the metrics mean
+- **Dice per patient (3-D)**, the headline: each test patient's slices are stacked into a volume,
+  Dice = 2|P∩T| / (|P|+|T|) is computed on it, then averaged over patients (as in Buda et al., who
+  report 0.82). A patient with no lesion scores 1 when nothing is predicted and 0 otherwise.
+- **Dice per lesion slice**: 2-D Dice averaged over the slices that hold a lesion.
+- **Pooled Dice, IoU, precision, recall**: over every pixel of every test slice together.
+- **HD95**: the 95th percentile of the distance between the predicted and true outlines, in pixels
+  (about 1 mm at this resolution), over patients where both are non-empty.
+- **Lesion sensitivity / false positives per patient**: connected components found or invented.
+
+### Limits
+For research and teaching only: **not a medical device**, not validated for diagnosis or treatment.
+The models learnt FLAIR abnormalities of lower-grade gliomas in one public dataset; other tumours,
+sequences, scanners or orientations may fail silently. Images you upload are sent to the API
+this page is configured with.
+"""
+
+
+def render() -> None:
+    st.markdown(ABOUT)

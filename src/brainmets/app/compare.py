@@ -1,0 +1,66 @@
+"""The Compare view: the shipped models' test metrics (from the API) and the report `brainmets compare`
+writes into docs/ (results.md with its training curves, per-patient Dice and example overlays)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import streamlit as st
+
+from brainmets.app.client import ApiError, Client
+from brainmets.report import METRICS
+
+IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def models_info(api: str) -> list[dict]:
+    """GET /v1/models: each installed model's name, input size, threshold and test metrics."""
+    return Client(api).models()
+
+
+def metrics_row(label: str, metrics: dict) -> dict:
+    return {"model": label, "test patients": metrics.get("patients"),
+            **{title: metrics.get(key) for key, title in METRICS}}
+
+
+def render(api: str, docs: Path) -> None:
+    st.subheader("Test metrics")
+    rows = []
+    try:
+        rows = [metrics_row(m["name"], m["metrics"]) for m in models_info(api) if m.get("metrics")]
+    except ApiError as e:
+        st.error(str(e))
+    seed = docs / "seed-recipe" / "metrics.json"
+    if seed.exists():  # the seed's recipe (Adam, BCE, 50 epochs, whole slices), trained for comparison
+        rows.append(metrics_row("seed recipe", json.loads(seed.read_text())))
+    if rows:
+        st.dataframe(rows, hide_index=True, key="metrics-table",
+                     column_config={title: st.column_config.NumberColumn(format="%.3f") for _, title in METRICS})
+        st.caption("Each model on the test patients of its own split. The About view explains the metrics.")
+    else:
+        st.info("No model metrics yet: a shipped model carries them in models/<name>/metrics.json.")
+    show_report(docs)
+
+
+def show_report(docs: Path) -> None:
+    """docs/results.md as written, its figures drawn where the Markdown names them."""
+    results = docs / "results.md"
+    if not results.exists():
+        st.info("No comparison report yet: `brainmets compare` writes docs/results.md with the training "
+                "curves, the per-patient Dice distribution and example overlays.")
+        for png in sorted(docs.glob("results-*.png")):
+            st.image(str(png), caption=png.stem)
+        return
+    text, start = results.read_text(), 0
+    for match in IMAGE.finditer(text):
+        st.markdown(text[start:match.start()])
+        figure = docs / match.group(2)
+        if figure.exists():
+            st.image(str(figure), caption=match.group(1))
+        else:
+            st.warning(f"{results} names {match.group(2)}, which is missing: rerun `brainmets compare`.")
+        start = match.end()
+    st.markdown(text[start:])

@@ -1,0 +1,123 @@
+"""The page in a real browser: Playwright drives Debian's Chromium against `brainmets app` and the real API
+(`brainmets serve`), each a subprocess on a free loopback port. Screenshots go to the test's tmp folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from brainmets.app.client import Client
+from brainmets.app.launch import wait_until_up
+from conftest import free_port
+from samples import brain, encode
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+UPLOAD = '[data-testid="stFileUploaderDropzoneInput"]'
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+TIMEOUT_MS = 30_000
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}: install it with `apt-get install -y chromium`")]
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    """A report as `brainmets compare` lays it out: results.md naming a figure, and the seed-recipe run."""
+    docs = tmp_path_factory.mktemp("docs")
+    (docs / "seed-recipe").mkdir()
+    (docs / "seed-recipe" / "metrics.json").write_text('{"dice_per_patient_mean": 0.42, "patients": 2}\n')
+    figure = np.full((120, 360, 3), 255, np.uint8)
+    cv2.putText(figure, "training curves", (20, 70), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (40, 40, 200), 2)
+    cv2.imwrite(str(docs / "results-training-curves.png"), figure)
+    (docs / "results.md").write_text("# Results\n\n![training curves](results-training-curves.png)\n")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def page_url(api_server, docs, tmp_path_factory):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with (tmp_path_factory.mktemp("page") / "page.log").open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "brainmets", "app", "--port", str(port), "--api", api_server,
+                                    "--docs", str(docs)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until_up(f"{url}/_stcore/health", process, "page", timeout_s=60)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def settle(page) -> None:
+    page.locator(IDLE).wait_for(timeout=TIMEOUT_MS)
+
+
+def test_upload_see_the_lesions_compare_and_a_bad_file(browser, page_url, api_server, tmp_path):
+    slice_png = tmp_path / "slice.png"
+    slice_png.write_bytes(encode(".png", brain(64, seed=3)[0]))
+    answer = Client(api_server).segment(slice_png.read_bytes(), "slice.png")
+    assert answer["lesions"]
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(page_url)
+    page.locator(UPLOAD).wait_for(state="attached")
+    settle(page)
+    assert "Connected" in page.get_by_test_id("stSidebar").inner_text()
+
+    # Segment: the overlay, the heat map and the lesion table, with the API's lesion count
+    page.locator(UPLOAD).set_input_files(str(slice_png))
+    overlay = page.get_by_test_id("stImage").filter(has_text="lesions outlined").locator("img")
+    overlay.wait_for()
+    result = page.locator(".st-key-result-best")
+    result.get_by_test_id("stDataFrame").wait_for()
+    settle(page)
+    count = result.get_by_test_id("stMetric").filter(has_text="Lesions").get_by_test_id("stMetricValue")
+    assert int(count.inner_text()) == len(answer["lesions"])
+    figures = page.get_by_role("tabpanel", name="Segment").locator('[data-testid="stImage"] img')
+    assert figures.count() == 4  # input, CLAHE view, overlay, heat map
+    assert all(figures.nth(i).evaluate("img => img.complete && img.naturalWidth") == 64 for i in range(4))
+    page.screenshot(path=tmp_path / "segment.png", full_page=True)
+
+    # Compare: the metrics table with the seed-recipe row, and the report's figure
+    page.get_by_role("tab", name="Compare").click()
+    panel = page.get_by_role("tabpanel", name="Compare")
+    panel.locator('[data-testid="stImage"] img').wait_for()
+    assert panel.get_by_test_id("stDataFrame").count() == 1
+    assert "training curves" in panel.get_by_test_id("stImage").inner_text()
+    page.screenshot(path=tmp_path / "compare.png", full_page=True)
+
+    page.get_by_role("tab", name="About").click()
+    assert "not a medical device" in page.get_by_role("tabpanel", name="About").inner_text()
+    page.screenshot(path=tmp_path / "about.png", full_page=True)
+
+    # A file that is no image: the API's reason on the page, and no traceback
+    page.get_by_role("tab", name="Segment").click()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are not pixels")
+    page.locator(UPLOAD).set_input_files(str(notes))
+    alert = page.get_by_test_id("stAlertContentError").filter(has_text="notes.txt")
+    alert.wait_for()
+    settle(page)
+    assert "unsupported file type" in alert.inner_text()
+    assert page.get_by_test_id("stException").count() == 0
+    assert result.count() == 0 and overlay.count() == 0
+    page.screenshot(path=tmp_path / "error.png", full_page=True)
+    page.close()
