@@ -156,7 +156,7 @@ def evaluate(
             raise ValueError(f"{len(missing)} {side.value} patients of {path} are not in {data} "
                              f"(e.g. {missing[0]}); use --split all to evaluate every patient of {data}")
     report = run_evaluation(net, arrays, patients, threshold if threshold is not None else cfg.threshold,
-                            progress=True)
+                            progress=True, min_area=cfg.min_lesion_px)
     report = {"model": str(model), "checkpoint": str(path), "data": str(data), "split": side.value, **report}
     _print_report(report)
     if out:
@@ -180,41 +180,22 @@ def _print_report(r: dict) -> None:
 @app.command()
 @friendly_errors
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Slices (PNG, JPEG, TIFF, WebP, DICOM) or NIfTI volumes (.nii, .nii.gz).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Folders (walked at any depth), Data.zip archives or files: slices (PNG, JPEG, TIFF, WebP, DICOM) and NIfTI volumes (.nii, .nii.gz), told apart by their content. In folders, <name>_mask.<ext> ground truth is passed over.")],
     model: Annotated[str, typer.Option("--model", "-m", help="unetpp, attention-unet, best, ensemble, a .pt checkpoint or a run folder.")] = "best",
-    out: Annotated[Path, typer.Option(help="Folder for the masks: <stem>.png (0/255, the input's size) per slice, <stem>.nii.gz (the input's grid) per volume.")] = Path("predictions"),
+    out: Annotated[Path, typer.Option(help="Folder for the masks, mirroring the inputs' tree: <name>.png (0/255, the input's size) per slice, <name>_mask.nii.gz (the input's grid) per volume; and summary.csv.")] = Path("predictions"),
+    workers: Annotated[int, typer.Option(min=1, help="Processes, each with its own model and cores/N threads; 1 runs in this process with every core.")] = 1,
     tta: Annotated[bool, typer.Option(help="Average over horizontal and vertical flips (3x the time).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Segment slices and volumes with the inference engine of the API; write one mask per input."""
-    from brainmets.inference import Predictor
-    from brainmets.readers import read_slice, read_volume, sniff
+    """Segment slices and volumes with the inference engine of the API: one mask per input, a CSV summary,
+    throughput. Run it again to continue: files with a mask and an ok row in summary.csv are skipped."""
+    from brainmets.batch import find_jobs, report, run_batch
 
-    predictor = Predictor.load(model)
-    out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for path in inputs:
-        try:
-            data = path.read_bytes()
-            if sniff(data).startswith("nifti"):
-                target = out / f"{path.name.removesuffix('.gz').removesuffix('.nii')}.nii.gz"
-                volume = predictor.predict_volume(read_volume(data), tta)
-                mask, summary = volume.nifti_gz(), (f"{volume.lesion_voxels} lesion voxels, "
-                                                    f"{volume.lesion_volume_mm3:.1f} mm³")
-            else:
-                target = out / f"{path.stem}.png"
-                image = read_slice(data)
-                result = predictor.predict(image.pixels, image.spacing, tta)
-                mm2 = f", {result.lesion_area_mm2:.1f} mm²" if result.lesion_area_mm2 is not None else ""
-                mask, summary = result.mask_png(), f"{len(result.lesions)} lesions, {result.lesion_area_px} px{mm2}"
-            if target.resolve() == path.resolve():
-                raise ValueError(f"the mask would overwrite the input; choose another --out than {out}")
-        except (ValueError, OSError) as e:  # one bad file does not stop the others
-            console.print(f"[red]error:[/red] {escape(f'{path}: {e}')}", soft_wrap=True)
-            failed += 1
-            continue
-        target.write_bytes(mask)
-        console.print(f"{path} -> {target}: {summary}")
-    if failed:
+    jobs, passed = find_jobs(inputs, out)
+    summary = run_batch(jobs, out, model, workers, tta, progress=progress, console=console)
+    for line in report(summary, passed, out):
+        console.print(escape(line), soft_wrap=True)
+    if summary.failed:
         raise typer.Exit(2)
 
 
@@ -227,8 +208,10 @@ def serve(
     folder, upload limit, threads, workers, queue, CORS origins (see brainmets/api/settings.py)."""
     import uvicorn
 
-    # No `server: uvicorn` header: responses say nothing about the software behind them.
-    uvicorn.run("brainmets.api.main:app", host=host, port=port, server_header=False)
+    # No `server: uvicorn` header: responses say nothing about the software behind them. h11, not httptools:
+    # httptools buffers request headers without limit (200 MB of headers cost the server 200 MB), h11 refuses
+    # past 16 KB; parsing is microseconds against an inference's tens of milliseconds.
+    uvicorn.run("brainmets.api.main:app", host=host, port=port, server_header=False, http="h11")
 
 
 @app.command()
@@ -292,12 +275,14 @@ def compare(
     examples = None
     if data is not None:
         from brainmets.evaluation import predict_probabilities
+        from brainmets.postprocessing import binarize
         from brainmets.training import load_checkpoint, model_from_checkpoint
 
         best = next(r for r in loaded if (r.folder / "model.pt").exists())
         net, cfg = model_from_checkpoint(load_checkpoint(best.folder / "model.pt"))
         _, arrays = load_arrays(data, cfg.preprocess)
-        examples = overlay_examples(best, arrays, lambda x: predict_probabilities(net, x) >= cfg.threshold)
+        examples = overlay_examples(
+            best, arrays, lambda x: binarize(predict_probabilities(net, x), cfg.threshold, cfg.min_lesion_px))
     out = write_results(loaded, docs, examples)
     console.print(f"{out} written")
 

@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     time_budget_min: float | None = None  # stop cleanly after this many minutes
     threshold: float = 0.5  # on the sigmoid, for every binary mask we report or serve
+    min_lesion_px: int = 0  # per slice, at image_size; smaller components are dropped (tuned on validation)
 
     def __post_init__(self) -> None:
         # Both networks halve the side 4 times; another size fails deep inside the network instead.

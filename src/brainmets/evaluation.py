@@ -18,6 +18,7 @@ from torch import nn
 
 from brainmets.cache import Arrays
 from brainmets.metrics import Counts, counts, detection, hd95
+from brainmets.postprocessing import binarize
 from brainmets.preprocessing import normalize
 
 
@@ -48,15 +49,18 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(kept) if kept else None
 
 
-def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Every metric of the evaluation report; `probabilities` rows follow `patients`' rows in order."""
+def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, threshold: float,
+           min_area: float = 0) -> dict[str, Any]:
+    """Every metric of the evaluation report; `probabilities` rows follow `patients`' rows in order.
+
+    Masks are made by `postprocessing.binarize(probability, threshold, min_area)`, as in serving."""
     per_patient, slice_dices, pooled = [], [], Counts(0, 0, 0)
     lesions = detected = false_positives = 0
     offset = 0
     for patient in patients:
         rows = arrays.rows(patient)
         target = np.asarray(arrays.masks[rows.start:rows.stop]).astype(bool)
-        pred = probabilities[offset:offset + len(rows)] >= threshold
+        pred = binarize(probabilities[offset:offset + len(rows)], threshold, min_area)
         offset += len(rows)
         c = counts(pred, target)
         pooled += c
@@ -74,6 +78,7 @@ def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, thres
         "patients": len(patients),
         "slices": offset,
         "threshold": threshold,
+        "min_lesion_px": min_area,
         "dice_per_patient_mean": statistics.fmean(dices),
         "dice_per_patient_median": statistics.median(dices),
         "dice_per_patient_std": statistics.pstdev(dices),
@@ -91,8 +96,28 @@ def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, thres
 
 
 def evaluate(model: nn.Module, arrays: Arrays, patients: list[str], threshold: float, bf16: bool = False,
-             batch_size: int = 16, progress: bool = False) -> dict[str, Any]:
+             batch_size: int = 16, progress: bool = False, min_area: float = 0) -> dict[str, Any]:
     rows = [i for p in patients for i in arrays.rows(p)]
     probs = predict_probabilities(model, arrays.images[rows] if rows else arrays.images[:0], batch_size, bf16,
                                   progress)
-    return report(arrays, patients, probs, threshold)
+    return report(arrays, patients, probs, threshold, min_area)
+
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_AREAS = (0, 10, 25, 50, 100, 200)
+
+
+def tune_postprocessing(arrays: Arrays, patients: list[str], probabilities: np.ndarray) -> dict[str, Any]:
+    """The threshold and smallest-lesion area that maximise mean per-patient Dice on these (validation)
+    patients. Ties go to the plainer setting (0.5, then the smaller area)."""
+    truths = [np.asarray(arrays.masks[arrays.rows(p).start:arrays.rows(p).stop]).astype(bool) for p in patients]
+    bounds = np.cumsum([0] + [len(t) for t in truths])
+    grid = []
+    for threshold in THRESHOLDS:
+        for area in MIN_AREAS:
+            masks = binarize(probabilities, threshold, area)
+            dice = statistics.fmean(counts(masks[a:b], t).dice for a, b, t in zip(bounds, bounds[1:], truths))
+            grid.append({"threshold": threshold, "min_lesion_px": area, "dice_per_patient_mean": dice})
+    best = max(grid, key=lambda g: (round(g["dice_per_patient_mean"], 6), -abs(g["threshold"] - 0.5),
+                                    -g["min_lesion_px"]))
+    return {**best, "grid": grid}

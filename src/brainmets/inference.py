@@ -27,8 +27,9 @@ import torch
 from scipy.special import expit
 
 from brainmets.config import TrainConfig
+from brainmets.postprocessing import binarize
 from brainmets.preprocessing import preprocess
-from brainmets.readers import Volume
+from brainmets.readers import Volume, axial_slices, stack_axial
 from brainmets.registry import SHIPPED, resolve
 from brainmets.training import load_checkpoint, model_from_checkpoint
 
@@ -215,6 +216,9 @@ class Predictor:
             raise ValueError("a Predictor needs at least one network")
         self.networks, self.name = list(networks), name
         self.threshold = float(np.mean([n.cfg.threshold for n in self.networks]))
+        # The smallest lesion kept, in pixels of the networks' input (image_size²).
+        self.min_area = float(np.mean([n.cfg.min_lesion_px for n in self.networks]))
+        self.input_px = float(np.mean([n.cfg.preprocess.image_size ** 2 for n in self.networks]))
 
     @classmethod
     def load(cls, name_or_path: str | Path, runtime: str = "auto", threads: int = 0) -> Predictor:
@@ -236,27 +240,21 @@ class Predictor:
         """One slice (H, W) or (H, W, C); `spacing` (mm between rows, between columns) adds mm² areas."""
         t0 = time.perf_counter()
         prob = self.probabilities([image], tta)[0]
-        mask = prob >= self.threshold
+        mask = self.binarize(prob)
         return Prediction(prob, mask, find_lesions(prob, mask, spacing), spacing, time.perf_counter() - t0)
+
+    def binarize(self, prob: np.ndarray) -> np.ndarray:
+        """The model's mask rule, with the smallest-lesion area scaled to this slice's size."""
+        return binarize(prob, self.threshold, self.min_area * prob.size / self.input_px)
 
     def predict_volume(self, volume: Volume, tta: bool = False) -> VolumePrediction:
         """Slice by slice along the axis nearest the patient's inferior-superior axis, each slice shown to
         the network as the training slices were: radiological view, anterior up, patient's right on the left."""
         t0 = time.perf_counter()
-        to_ras = nib.orientations.io_orientation(volume.affine)
-        ras = nib.orientations.apply_orientation(volume.data, to_ras)  # axes: towards R, A, S
-        slices = [_radiological(ras[:, :, k]) for k in range(ras.shape[2])]
-        masks = [p >= self.threshold for p in self.probabilities(slices, tta)]
-        mask_ras = np.stack([_radiological(m).astype(np.uint8) for m in masks], axis=2)  # its own inverse
-        back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), to_ras)
-        mask = np.ascontiguousarray(nib.orientations.apply_orientation(mask_ras, back))
+        slices, _ = axial_slices(volume)
+        masks = [self.binarize(p).astype(np.uint8) for p in self.probabilities(slices, tta)]
+        mask = stack_axial(masks, volume)
         return VolumePrediction(mask, volume.voxel_mm3, volume.affine, volume.header, time.perf_counter() - t0)
-
-
-def _radiological(ras_slice: np.ndarray) -> np.ndarray:
-    """An axial (R, A[, C]) slice as an image: rows from anterior to posterior, columns from the patient's
-    right to left. Applying it twice gives the slice back."""
-    return np.flip(ras_slice, (0, 1)).swapaxes(0, 1)
 
 
 def resize_probability(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

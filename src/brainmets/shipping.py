@@ -6,12 +6,13 @@ log.jsonl, metrics.json (evaluation on the run's own test patients) and MODEL_CA
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 from brainmets.cache import Arrays
-from brainmets.evaluation import evaluate
+from brainmets.evaluation import evaluate, predict_probabilities, tune_postprocessing
 from brainmets.models import count_parameters
 from brainmets.report import Run
 from brainmets.training import load_checkpoint, model_from_checkpoint, save_atomic
@@ -22,13 +23,20 @@ def ship(run: Path, arrays: Arrays, out: Path, hardware: str, data_label: str, o
     ckpt = load_checkpoint(run / "best.pt")
     model, cfg = model_from_checkpoint(ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    keep = ("model", "config", "epoch", "best_val_dice", "split")
-    save_atomic({k: ckpt[k] for k in keep}, out / "model.pt")
-    for name in ("config.json", "split.json", "log.jsonl"):
+    # Post-processing is chosen on the validation patients, like the epoch; test stays unseen.
+    val = ckpt["split"]["val"]
+    val_rows = [i for p in val for i in arrays.rows(p)]
+    tuned = tune_postprocessing(arrays, val, predict_probabilities(model, arrays.images[val_rows], progress=True))
+    cfg = dataclasses.replace(cfg, threshold=tuned["threshold"], min_lesion_px=tuned["min_lesion_px"])
+    keep = ("model", "epoch", "best_val_dice", "split")
+    save_atomic({**{k: ckpt[k] for k in keep}, "config": cfg.to_dict()}, out / "model.pt")
+    cfg.save(out / "config.json")
+    for name in ("split.json", "log.jsonl"):
         shutil.copyfile(run / name, out / name)
     test = ckpt["split"]["test"]
     metrics = {"model": cfg.name, "split": "test", "data": data_label, "checkpoint_epoch": ckpt["epoch"],
-               **evaluate(model, arrays, test, cfg.threshold, progress=True)}
+               "validation_tuning": tuned,
+               **evaluate(model, arrays, test, cfg.threshold, progress=True, min_area=cfg.min_lesion_px)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if onnx:
         from brainmets.export import export_onnx
@@ -50,7 +58,9 @@ def write_model_card(folder: Path, run: Run, params: int, best_epoch: int, hardw
 
 - **Network**: MONAI {'BasicUNetPlusPlus' if cfg.name == 'unetpp' else 'AttentionUnet'}, widths {list(cfg.model.widths)}, \
 {params / 1e6:.2f} M parameters; input 3 × {cfg.preprocess.image_size}² (pre-contrast, FLAIR, post-contrast), \
-output one lesion logit per pixel; threshold {cfg.threshold} on the sigmoid.
+output one lesion logit per pixel; threshold {cfg.threshold} on the sigmoid, then components under \
+{cfg.min_lesion_px} px dropped per slice (both chosen on the validation patients: per-patient Dice \
+{m['validation_tuning']['dice_per_patient_mean']:.3f} there).
 - **Data**: {data_label}; split by patient (seed {split['seed']}): {len(split['train'])} train, \
 {len(split['val'])} validation, {len(split['test'])} test patients (`split.json`).
 - **Preprocessing**: CLAHE (clip {cfg.preprocess.clahe_clip}, {cfg.preprocess.clahe_tile}×{cfg.preprocess.clahe_tile} \
