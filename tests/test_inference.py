@@ -196,7 +196,7 @@ def test_predict_command_writes_one_mask_per_input_in_kind(tiny_run, tmp_path):
     for name in ("a.png", "b.png"):
         mask = cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (80, 80) and set(np.unique(mask)) <= {0, 255}
-    saved = nib.load(out / "c.nii.gz")
+    saved = nib.load(out / "c_mask.nii.gz")
     assert saved.shape == volume.shape and np.allclose(saved.affine, np.diag([0.9, 0.9, 3.0, 1.0]))
     assert "mm³" in result.output
 

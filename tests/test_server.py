@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,23 +13,19 @@ import httpx
 import numpy as np
 import pytest
 
+from brainmets.app.launch import serve_command
+from conftest import free_port
 from samples import brain, dicom, encode
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(models_root):
     port = free_port()
     env = {**os.environ, "BRAINMETS_MODELS": str(models_root), "BRAINMETS_MAX_UPLOAD_MB": "2"}
-    process = subprocess.Popen([sys.executable, "-m", "brainmets", "serve", "--port", str(port)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(serve_command("127.0.0.1", port), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

@@ -189,14 +189,14 @@ def predict(
 ) -> None:
     """Segment slices and volumes with the inference engine of the API: one mask per input, a CSV summary,
     throughput. Run it again to continue: files with a mask and an ok row in summary.csv are skipped."""
-    from brainmets.batch import find_jobs, report, run_batch
+    from brainmets.batch import SUMMARY, find_jobs, report, run_batch
 
     jobs, passed = find_jobs(inputs, out)
     summary = run_batch(jobs, out, model, workers, tta, progress=progress, console=console)
     for line in report(summary, passed, out):
         console.print(escape(line), soft_wrap=True)
     if summary.failed:
-        raise typer.Exit(2)
+        raise ValueError(f"{summary.failed} of {len(jobs)} files failed; their rows in {out / SUMMARY} say why")
 
 
 @app.command()

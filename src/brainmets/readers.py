@@ -60,6 +60,31 @@ class Volume:
         return float(abs(np.prod(self.header.get_zooms()[:3])))
 
 
+def axial_slices(volume: Volume) -> tuple[list[np.ndarray], tuple[float, float]]:
+    """The slices along the volume's axis nearest the patient's inferior-superior axis, each shown as the
+    training slices were: reoriented to RAS, radiological view (anterior up, the patient's right on the
+    left); with their pixel spacing in mm (between rows, between columns). `stack_axial` undoes it."""
+    to_ras = nib.orientations.io_orientation(volume.affine)
+    ras = nib.orientations.apply_orientation(volume.data, to_ras)  # axes: towards R, A, S
+    zooms = np.empty(3)
+    zooms[to_ras[:, 0].astype(int)] = volume.header.get_zooms()[:3]
+    return [_radiological(ras[:, :, k]) for k in range(ras.shape[2])], (float(zooms[1]), float(zooms[0]))
+
+
+def stack_axial(slices: list[np.ndarray], volume: Volume) -> np.ndarray:
+    """2-D slices as `axial_slices` gives them (e.g. their masks) stacked back on the volume's voxel grid."""
+    to_ras = nib.orientations.io_orientation(volume.affine)
+    ras = np.stack([_radiological(s) for s in slices], axis=2)  # the view is its own inverse
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), to_ras)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(ras, back))
+
+
+def _radiological(ras_slice: np.ndarray) -> np.ndarray:
+    """An axial (R, A[, C]) slice as an image: rows from anterior to posterior, columns from the patient's
+    right to left. Applying it twice gives the slice back."""
+    return np.flip(ras_slice, (0, 1)).swapaxes(0, 1)
+
+
 def sniff(data: bytes) -> str:
     """'png', 'jpeg', 'tiff', 'webp', 'dicom', 'nifti' or 'nifti-gz', from the first bytes."""
     if not data:
@@ -147,7 +172,21 @@ def read_volume(data: bytes, max_voxels: int = MAX_VOXELS) -> Volume:
         array = np.asanyarray(image.dataobj)  # applies scl_slope / scl_inter
     except Exception as e:  # any failure of nibabel on these bytes means a broken file
         raise ImageReadError(f"unreadable NIfTI volume ({e})") from e
+    if not _geometry_ok(image):
+        raise ImageReadError("NIfTI header holds a NaN, infinite or degenerate voxel size or orientation (pixdim, "
+                             "quatern_*, srow_*): expected finite numbers and three independent axes")
     return Volume(array, image.affine, image.header)
+
+
+def _geometry_ok(image: nib.Nifti1Image) -> bool:
+    """Slicing reorients by the affine and the mask is written back with the same qform and sform: a NaN in
+    any of them, a quaternion nibabel refuses, or axes that collapse would fail there, after the work."""
+    try:
+        geometry = (image.affine, image.header.get_qform(), image.header.get_sform(), image.header.get_zooms())
+        return (all(np.isfinite(g).all() for g in geometry)
+                and not np.isnan(nib.orientations.io_orientation(image.affine)).any())
+    except ValueError:  # nibabel's refusals (quatern_b, c, d longer than 1) and numpy's LinAlgError
+        return False
 
 
 def _check_raster_header(data: bytes, kind: str, max_pixels: int) -> None:
@@ -198,9 +237,17 @@ def _read_dicom(data: bytes, max_pixels: int) -> Slice:
     if monochrome and ds.get("PhotometricInterpretation") == "MONOCHROME1":  # stored inverted: 0 is white
         pixels = pixels.astype(np.float64)  # max + min would wrap around in the stored integer type
         pixels = pixels.max() + pixels.min() - pixels
-    spacing = ds.get("PixelSpacing")
-    spacing = (float(spacing[0]), float(spacing[1])) if spacing and len(spacing) == 2 and min(spacing) > 0 else None
-    return Slice(np.ascontiguousarray(pixels), spacing, "dicom")
+    return Slice(np.ascontiguousarray(pixels), _pixel_spacing(ds), "dicom")
+
+
+def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """(mm between rows, between columns), or None (areas unknown) unless two numbers in (0, 1000): a
+    malformed value must not fail the request, and a pixel over a metre wide is no MRI (inf mm² areas)."""
+    try:
+        rows, columns = (float(v) for v in ds.get("PixelSpacing") or ())
+    except (TypeError, ValueError):
+        return None
+    return (rows, columns) if 0 < rows < 1000 and 0 < columns < 1000 else None
 
 
 def _nifti_header_size(data: bytes) -> int:

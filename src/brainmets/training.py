@@ -73,14 +73,18 @@ def epoch_rows(arrays: Arrays, patients: list[str], empty_fraction: float, rng: 
 def distributed() -> tuple[int, int, int]:
     """(rank, local rank, world size) under torchrun, which sets these variables; (0, 0, 1) otherwise.
 
-    Joins the process group once: nccl where there is a GPU, gloo on CPU.
+    Joins the process group once: nccl for GPU tensors where there is a GPU, gloo for the CPU tensors of
+    the small agreements (time, stop) and on CPU-only machines.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 0, 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)  # else every process's collectives land on cuda:0
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), local_rank, world
 
 
 def make_loss(cfg: TrainConfig) -> Callable[[Any, torch.Tensor], torch.Tensor]:

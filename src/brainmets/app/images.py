@@ -7,10 +7,9 @@ at the input's size, so they line up with the input pixel for pixel.
 from __future__ import annotations
 
 import cv2
-import nibabel as nib
 import numpy as np
 
-from brainmets.readers import Volume
+from brainmets.readers import axial_slices  # noqa: F401 -- the page shows a volume as the engine slices it
 
 LESION_RGB = (255, 40, 40)
 
@@ -55,19 +54,6 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     if not ok:
         raise ValueError("could not encode the image as PNG")
     return buffer.tobytes()
-
-
-
-def axial_slices(volume: Volume) -> tuple[list[np.ndarray], tuple[float, float]]:
-    """The volume's axial slices as the engine segments them (`Predictor.predict_volume`: reoriented to
-    RAS, radiological view, anterior up, the patient's right on the left), with their pixel spacing in mm
-    (between rows, between columns)."""
-    to_ras = nib.orientations.io_orientation(volume.affine)
-    ras = nib.orientations.apply_orientation(volume.data, to_ras)
-    zooms = np.empty(3)
-    zooms[to_ras[:, 0].astype(int)] = volume.header.get_zooms()[:3]
-    slices = [np.flip(ras[:, :, k], (0, 1)).swapaxes(0, 1) for k in range(ras.shape[2])]
-    return slices, (float(zooms[1]), float(zooms[0]))
 
 
 def slice_file(image: np.ndarray) -> bytes:

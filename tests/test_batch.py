@@ -1,0 +1,180 @@
+"""`brainmets predict` over folder trees and zips: mirrored masks, the CSV summary, restarts, N workers."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from pathlib import Path
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from brainmets.batch import SUMMARY, find_jobs, mask_path, run_batch
+from brainmets.cli import app
+from brainmets.inference import Predictor
+from conftest import write_dataset, zip_folder
+from samples import brain, dicom, encode, nifti
+from test_inference import bright, fake
+
+VOXEL = (0.9, 0.9, 3.0)
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """Slices and a volume at several depths, with a ground-truth mask, a broken PNG and a text file."""
+    image, truth = brain(64, seed=1)
+    volume = np.stack([brain(64, seed=s)[0][..., 1].T for s in range(4)], axis=2).astype(np.int16)
+    files = {
+        "p1/a.png": encode(".png", image),
+        "p1/a_mask.png": encode(".png", truth),  # ground truth in the reference layout: not an input
+        "p1/b.dcm": dicom(image[..., 1].astype(np.uint16)),  # pixel spacing 0.5 x 0.8 mm
+        "p2/broken.png": encode(".png", image)[:300],  # a valid header, then cut short
+        "p2/notes.txt": b"not an image",
+        "p2/sub/v.nii.gz": nifti(volume, np.diag([*VOXEL, 1.0])),
+    }
+    root = tmp_path / "tree"
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture
+def pixelwise(monkeypatch):
+    """Every Predictor.load in this process gives a network that marks the bright pixels: real lesions."""
+    monkeypatch.setattr(Predictor, "load", classmethod(lambda cls, *a, **k: Predictor([fake(bright)], "bright")))
+
+
+def rows(out: Path) -> list[dict]:
+    with (out / SUMMARY).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO())
+
+
+def png(path: Path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+def volume_mask(path: Path) -> np.ndarray:
+    return np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(path.read_bytes())).dataobj)
+
+
+def test_mask_paths_mirror_the_input_and_keep_other_dots():
+    assert mask_path("p/a.webp", "slice") == "p/a.png"
+    assert mask_path("p/1.2.840.10008.5", "slice") == "p/1.2.840.10008.5.png"  # a DICOM named by its UID
+    assert mask_path("IM.DCM", "slice") == "IM.png"
+    assert mask_path("p/v.nii.gz", "volume") == "p/v_mask.nii.gz"
+    assert mask_path("T1.NII", "volume") == "T1_mask.nii.gz"
+
+
+def test_a_tree_is_mirrored_with_one_summary_row_per_input(tree, tmp_path, pixelwise):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(tree), "-m", "bright", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2, result.output  # the broken PNG; the others still ran
+    assert "failed: p2/broken.png: unreadable or truncated PNG" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: 1 of 4 files failed")
+    assert "3 files segmented (6 slices)" in result.output and "slices/s" in result.output
+    assert "1 ground-truth masks (*_mask), 1 files of no accepted format" in result.output
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["p1/a.png", "p1/b.png", "p2/sub/v_mask.nii.gz", SUMMARY]
+
+    a, b, broken, v = rows(out)
+    assert [r["file"] for r in (a, b, broken, v)] == ["p1/a.png", "p1/b.dcm", "p2/broken.png", "p2/sub/v.nii.gz"]
+    assert [r["status"] for r in (a, b, broken, v)] == ["ok", "ok", "error", "ok"]
+    assert "truncated" in broken["error"] and a["error"] == ""
+    for row in (a, b):
+        mask = png(out / row["mask"])
+        assert row["kind"] == "slice" and row["slices"] == "1" and mask.shape == (64, 64)
+        assert set(np.unique(mask)) == {0, 255} and int(row["lesion_px"]) == (mask > 0).sum()
+        n, _ = cv2.connectedComponents((mask > 0).astype(np.uint8), connectivity=8)
+        assert int(row["lesions"]) == n - 1 >= 1 and float(row["inference_ms"]) > 0
+    assert a["lesion_mm2"] == ""  # a PNG carries no pixel spacing
+    assert float(b["lesion_mm2"]) == pytest.approx(int(b["lesion_px"]) * 0.5 * 0.8)
+    mask = volume_mask(out / v["mask"])
+    assert (v["kind"], v["slices"], mask.shape) == ("volume", "4", (64, 64, 4))
+    assert int(v["lesion_px"]) == mask.sum() > 0 and int(v["lesions"]) >= 1
+    assert float(v["lesion_mm3"]) == pytest.approx(mask.sum() * np.prod(VOXEL), rel=1e-4)
+
+
+def identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def test_a_second_run_skips_what_is_done_and_redoes_what_a_crash_left(tree, tmp_path, pixelwise):
+    out = tmp_path / "out"
+    jobs, _ = find_jobs([tree], out)
+    first = run_batch(jobs, out, "bright", progress=False, console=quiet())
+    assert (first.done, first.failed, first.skipped, first.slices) == (3, 1, 0, 6)
+    masks = ["p1/a.png", "p1/b.png", "p2/sub/v_mask.nii.gz"]
+    before, summary = {m: identity(out / m) for m in masks}, rows(out)
+
+    again = run_batch(jobs, out, "bright", progress=False, console=quiet())
+    assert (again.done, again.failed, again.skipped) == (0, 1, 3)  # the broken file is tried again
+    assert {m: identity(out / m) for m in masks} == before
+    assert rows(out) == summary  # complete: the skipped files keep their rows, timings included
+
+    # Killed mid-run: one mask never written, another written but its row not yet appended.
+    (out / "p1/a.png").unlink()
+    with (out / SUMMARY).open("w", newline="") as f:
+        writer = csv.DictWriter(f, summary[0].keys())
+        writer.writeheader()
+        writer.writerows(r for r in summary if r["file"] != "p1/b.dcm")
+    resumed = run_batch(jobs, out, "bright", progress=False, console=quiet())
+    assert (resumed.done, resumed.skipped) == (2, 1)
+    assert identity(out / masks[2]) == before[masks[2]] and identity(out / masks[1]) != before[masks[1]]
+    assert [r["file"] for r in rows(out)] == [r["file"] for r in summary]
+    assert [r["lesion_px"] for r in rows(out)] == [r["lesion_px"] for r in summary]
+
+
+def test_a_data_zip_is_segmented_in_place_without_its_masks(tmp_path, pixelwise):
+    archive = zip_folder(write_dataset(tmp_path / "d", patients=1, slices=3), tmp_path / "Data.zip")
+    out = tmp_path / "out"
+    jobs, passed = find_jobs([archive], out)
+    assert passed == {"ground-truth masks (*_mask)": 3}  # and no __MACOSX entry
+    summary = run_batch(jobs, out, "bright", progress=False, console=quiet())
+    assert summary.done == 3 and summary.failed == 0
+    patient = "TCGA_XX_1000_20000101"
+    assert [r["mask"] for r in summary.rows] == [f"Data/{patient}/{patient}_{n}.png" for n in (1, 2, 3)]
+    assert all(png(out / r["mask"]).shape == (64, 64) for r in summary.rows)
+
+
+def test_inputs_that_cannot_be_told_apart_or_overwritten_are_refused(tmp_path):
+    image, _ = brain(32)
+    (tmp_path / "in").mkdir()
+    for name in ("s.png", "s.webp", "t.png"):
+        (tmp_path / "in" / name).write_bytes(encode(f".{name.split('.')[1]}", image))
+    jobs, _ = find_jobs([tmp_path / "in"], tmp_path / "in" / "out")
+    assert [(j.file, bool(j.error)) for j in jobs] == [("s.png", True), ("s.webp", True), ("t.png", False)]
+    assert "also be the mask of s.webp" in jobs[0].error
+    (tmp_path / "in" / "out").mkdir()
+    (tmp_path / "in" / "out" / "t.png").write_bytes(encode(".png", image))  # an earlier run's mask
+    assert len(find_jobs([tmp_path / "in"], tmp_path / "in" / "out")[0]) == 3
+    with pytest.raises(ValueError, match="inputs' own folder"):
+        find_jobs([tmp_path / "in" / "t.png"], tmp_path / "in")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        find_jobs([tmp_path / "missing"], tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_two_workers_write_what_one_writes(tree, tiny_run, tmp_path):
+    """Real processes, each loading the tiny trained model."""
+    jobs, _ = find_jobs([tree], tmp_path / "one")
+    one = run_batch(jobs, tmp_path / "one", str(tiny_run), workers=1, progress=False, console=quiet())
+    two = run_batch(jobs, tmp_path / "two", str(tiny_run), workers=2, progress=False, console=quiet())
+    assert (two.done, two.failed) == (one.done, one.failed) == (3, 1)
+    for a, b in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
+        del a["inference_ms"], b["inference_ms"]
+        assert a == b
+    for name in ("p1/a.png", "p1/b.png"):
+        np.testing.assert_array_equal(png(tmp_path / "one" / name), png(tmp_path / "two" / name))
+    np.testing.assert_array_equal(volume_mask(tmp_path / "one" / "p2/sub/v_mask.nii.gz"),
+                                  volume_mask(tmp_path / "two" / "p2/sub/v_mask.nii.gz"))
