@@ -26,12 +26,19 @@ def install(app: FastAPI) -> None:
     for exc_class in STATUS:
         app.add_exception_handler(exc_class, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     status = next(code for cls, code in STATUS.items() if isinstance(exc, cls))
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not bad input: the traceback goes to the server's log, the client gets JSON without internals."""
+    return JSONResponse({"detail": "internal server error: the request could not be processed; the server "
+                                   "logged the cause"}, status_code=500)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
