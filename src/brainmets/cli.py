@@ -137,8 +137,7 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="Write the report (JSON) here.")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Probability threshold (default: the model's).")] = None,
 ) -> None:
-    """Evaluate a model: per-patient 3-D Dice (headline), lesion-slice and pooled Dice, IoU, precision,
-    recall, HD95, lesion detection."""
+    """Evaluate a model: per-patient 3-D Dice, lesion-slice and pooled Dice, IoU, precision/recall, HD95, detection."""
     from brainmets.evaluation import evaluate as run_evaluation
     from brainmets.registry import resolve
     from brainmets.training import load_checkpoint, model_from_checkpoint
