@@ -40,4 +40,4 @@ def test_tuning_finds_the_setting_that_removes_false_positives():
     tuned = tune_postprocessing(arrays, ["a", "b"], prob)
     assert tuned["dice_per_patient_mean"] == 1.0
     assert tuned["threshold"] <= 0.6 and 25 < tuned["min_lesion_px"] <= 100
-    assert len(tuned["grid"]) == 30
+    assert len(tuned["grid"]) == 42

@@ -103,8 +103,8 @@ def evaluate(model: nn.Module, arrays: Arrays, patients: list[str], threshold: f
     return report(arrays, patients, probs, threshold, min_area)
 
 
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-MIN_AREAS = (0, 10, 25, 50, 100, 200)
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MIN_AREAS = (0, 10, 25, 50, 100, 200, 400)
 
 
 def tune_postprocessing(arrays: Arrays, patients: list[str], probabilities: np.ndarray) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def plot_training_curves(runs: list[Run], out: Path) -> None:
     for r in runs:
         minutes = np.cumsum([h["seconds"] for h in r.log]) / 60
         ax_dice.plot(minutes, [h["val_dice"] for h in r.log], marker=".", label=r.label)
-        ax_loss.plot(minutes, [h["train_loss"] for h in r.log], marker=".", label=r.label)
+        ax_loss.plot(minutes, [h["train_loss"] for h in r.log], marker=".", label=f"{r.label} ({r.config.loss})")
     ax_dice.set(xlabel="training minutes (2-core CPU)", ylabel="validation Dice per patient", ylim=(0, 1))
     ax_loss.set(xlabel="training minutes (2-core CPU)", ylabel="training loss", yscale="log")
     for ax in (ax_dice, ax_loss):
@@ -118,7 +118,7 @@ def plot_overlays(examples: list[tuple[str, str, np.ndarray, np.ndarray, np.ndar
         ax.set_title(f"{title}\n{patient}", fontsize=9)
         ax.axis("off")
     fig.suptitle("ground truth (green) and prediction (red) on FLAIR", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))  # room for the suptitle above the panel titles
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
