@@ -176,3 +176,16 @@ def api_server(models_root, tmp_path_factory):
         finally:
             process.terminate()
             process.wait(10)
+
+
+def api_client(models_root: Path, **settings):
+    """A FastAPI TestClient of the app serving `models_root`, with these Settings; a generator for fixtures."""
+    from fastapi.testclient import TestClient
+
+    from brainmets.api.main import create_app
+    from brainmets.api.settings import Settings
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BRAINMETS_MODELS", str(models_root))
+        with TestClient(create_app(Settings(**settings))) as client:
+            yield client

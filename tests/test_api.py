@@ -19,6 +19,7 @@ from brainmets.api import service
 from brainmets.api.main import create_app
 from brainmets.api.service import InferencePool, Overloaded
 from brainmets.api.settings import Settings
+from conftest import api_client
 from samples import bomb_png, brain, dicom, encode, nifti, tiff_stack
 
 IMAGE, TRUTH = brain(64, seed=2)
@@ -28,10 +29,7 @@ AFFINE = np.array([[-0.9, 0, 0, 30], [0, 0.9, 0, -20], [0, 0, 3.0, -10], [0, 0, 
 
 @pytest.fixture(scope="module")
 def client(models_root):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BRAINMETS_MODELS", str(models_root))
-        with TestClient(create_app(Settings(max_upload_mb=1))) as c:
-            yield c
+    yield from api_client(models_root, max_upload_mb=1)
 
 
 def post(client, data: bytes, name: str = "slice.png", field: str = "file", url: str = "/v1/segment", **params):

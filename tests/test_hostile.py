@@ -38,7 +38,7 @@ from brainmets.api.service import Models, ModelNotInstalled
 from brainmets.api.settings import Settings
 from brainmets.app.launch import wait_until_up
 from brainmets.training import load_checkpoint
-from conftest import REPO, free_port
+from conftest import REPO, api_client, free_port
 from samples import bomb_png, brain, dicom, encode, nifti, tiff_stack
 
 IMAGE = brain(64, seed=3)[0]
@@ -349,10 +349,7 @@ def test_after_all_of_it_the_same_server_process_still_segments(server, http):
 
 @pytest.fixture(scope="module")
 def client(models_root):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BRAINMETS_MODELS", str(models_root))
-        with TestClient(create_app(Settings(max_upload_mb=2))) as c:
-            yield c
+    yield from api_client(models_root, max_upload_mb=2)
 
 
 def assert_answered(r: httpx.Response, shape: tuple[int, int] | None = None) -> None:
