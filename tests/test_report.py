@@ -59,3 +59,13 @@ def test_compare_without_anything_to_compare(tmp_path, monkeypatch):
     monkeypatch.setenv("BRAINMETS_MODELS", str(tmp_path))
     result = CliRunner().invoke(app, ["compare", "--docs", str(tmp_path / "docs")])
     assert result.exit_code == 2 and "nothing to compare" in result.output
+
+
+def test_compare_overlays_need_a_model(shipped, dataset_folder, tmp_path):
+    folder = tmp_path / "metrics-only"
+    folder.mkdir()
+    for name in ("metrics.json", "log.jsonl", "config.json"):
+        (folder / name).write_bytes((shipped / "unetpp" / name).read_bytes())
+    result = CliRunner().invoke(app, ["compare", "--run", f"x={folder}", "--data", str(dataset_folder),
+                                      "--docs", str(tmp_path / "docs")])
+    assert result.exit_code == 2 and "no compared folder holds a model.pt" in result.output

@@ -224,7 +224,7 @@ def export(
     from brainmets.registry import resolve
 
     result = export_onnx(resolve(checkpoint), out)
-    console.print(f"{result.onnx} and {result.config} written; largest |ONNX - PyTorch| logit difference "
+    console.print(f"{result.onnx} and {result.config} written; largest |ONNX - PyTorch| probability difference "
                   f"{result.max_abs_diff:.1e}")
 
 
@@ -277,7 +277,9 @@ def compare(
         from brainmets.postprocessing import binarize
         from brainmets.training import load_checkpoint, model_from_checkpoint
 
-        best = next(r for r in loaded if (r.folder / "model.pt").exists())
+        best = next((r for r in loaded if (r.folder / "model.pt").exists()), None)
+        if best is None:
+            raise FileNotFoundError("--data asks for example overlays, but no compared folder holds a model.pt")
         net, cfg = model_from_checkpoint(load_checkpoint(best.folder / "model.pt"))
         _, arrays = load_arrays(data, cfg.preprocess)
         examples = overlay_examples(

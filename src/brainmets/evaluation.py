@@ -95,11 +95,17 @@ def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, thres
     }
 
 
+def predict_patients(model: nn.Module, arrays: Arrays, patients: list[str], bf16: bool = False,
+                     batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    """Probabilities of every slice of the patients, in their order: the rows `report` expects."""
+    rows = [i for p in patients for i in arrays.rows(p)]
+    return predict_probabilities(model, arrays.images[rows] if rows else arrays.images[:0], batch_size, bf16,
+                                 progress)
+
+
 def evaluate(model: nn.Module, arrays: Arrays, patients: list[str], threshold: float, bf16: bool = False,
              batch_size: int = 16, progress: bool = False, min_area: float = 0) -> dict[str, Any]:
-    rows = [i for p in patients for i in arrays.rows(p)]
-    probs = predict_probabilities(model, arrays.images[rows] if rows else arrays.images[:0], batch_size, bf16,
-                                  progress)
+    probs = predict_patients(model, arrays, patients, bf16, batch_size, progress)
     return report(arrays, patients, probs, threshold, min_area)
 
 
@@ -110,7 +116,7 @@ MIN_AREAS = (0, 10, 25, 50, 100, 200, 400)
 def tune_postprocessing(arrays: Arrays, patients: list[str], probabilities: np.ndarray) -> dict[str, Any]:
     """The threshold and smallest-lesion area that maximise mean per-patient Dice on these (validation)
     patients. Ties go to the plainer setting (0.5, then the smaller area)."""
-    truths = [np.asarray(arrays.masks[arrays.rows(p).start:arrays.rows(p).stop]).astype(bool) for p in patients]
+    truths = [np.asarray(arrays.masks[r.start:r.stop]).astype(bool) for r in map(arrays.rows, patients)]
     bounds = np.cumsum([0] + [len(t) for t in truths])
     grid = []
     for threshold in THRESHOLDS:

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from brainmets.cache import Arrays
-from brainmets.evaluation import evaluate, predict_probabilities, tune_postprocessing
+from brainmets.evaluation import evaluate, predict_patients, tune_postprocessing
 from brainmets.models import count_parameters
 from brainmets.report import Run
 from brainmets.training import load_checkpoint, model_from_checkpoint, save_atomic
@@ -25,8 +25,7 @@ def ship(run: Path, arrays: Arrays, out: Path, hardware: str, data_label: str, o
     out.mkdir(parents=True, exist_ok=True)
     # Post-processing is chosen on the validation patients, like the epoch; test stays unseen.
     val = ckpt["split"]["val"]
-    val_rows = [i for p in val for i in arrays.rows(p)]
-    tuned = tune_postprocessing(arrays, val, predict_probabilities(model, arrays.images[val_rows], progress=True))
+    tuned = tune_postprocessing(arrays, val, predict_patients(model, arrays, val, progress=True))
     cfg = dataclasses.replace(cfg, threshold=tuned["threshold"], min_lesion_px=tuned["min_lesion_px"])
     keep = ("model", "epoch", "best_val_dice", "split")
     save_atomic({**{k: ckpt[k] for k in keep}, "config": cfg.to_dict()}, out / "model.pt")
