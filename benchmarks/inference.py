@@ -36,7 +36,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 from torch.utils.flop_counter import FlopCounterMode
 
-from brainmets.evaluation import autocast
+from brainmets.models import autocast
 from brainmets.export import export_onnx
 from brainmets.inference import ONNX_SHA_KEY, Network, Predictor, encode_png, file_sha256, onnx_session
 from brainmets.metrics import dice

@@ -124,12 +124,13 @@ def plot_overlays(examples: list[tuple[str, str, np.ndarray, np.ndarray, np.ndar
 
 
 def overlay_examples(run: Run, arrays, predict) -> list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
-    """The best, median and worst test patients of `run`, each at its slice with the most lesion.
+    """The best, median and three worst test patients of `run`, each at its slice with the most lesion.
 
     `predict(images uint8 (N,S,S,3)) -> bool masks (N,S,S)`.
     """
     ranked = sorted(run.metrics["per_patient"], key=lambda p: p["dice"], reverse=True)
-    picks = [("best", ranked[0]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[-1])]
+    picks = [("best", ranked[0]), ("median", ranked[len(ranked) // 2]),
+             *((f"worst {i}", p) for i, p in enumerate(ranked[:-4:-1], 1))]
     examples = []
     for title, p in picks:
         rows = arrays.rows(p["id"])
