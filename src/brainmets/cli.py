@@ -284,7 +284,7 @@ def compare(
     docs: Annotated[Path, typer.Option(help="Where results.md and its figures go.")] = Path("docs"),
 ) -> None:
     """Regenerate docs/results.md (tables, training curves, per-patient Dice, example overlays)."""
-    from brainmets.registry import SHIPPED, models_dir
+    from brainmets.registry import CANDIDATES, SHIPPED, best_name, models_dir, shipped_metrics
     from brainmets.report import Run, overlay_examples, write_results
 
     if runs:
@@ -311,7 +311,8 @@ def compare(
         _, arrays = load_arrays(data, predictor.preprocess_cfg)
         examples = overlay_examples(
             best, arrays, lambda x: predictor.mask_stack(predictor.model_probabilities(normalize(x))))
-    out = write_results(loaded, docs, examples)
+    shipped = {n: m for n in CANDIDATES if (m := shipped_metrics(n)) and "validation" in m} if not runs else {}
+    out = write_results(loaded, docs, examples, shipped, best_name() if shipped else None)
     console.print(f"{out} written")
 
 

@@ -134,7 +134,7 @@ def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, post:
     }
 
 
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.2, 0.851, 0.05))
+THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.2, 0.851, 0.05))
 MIN_VOXELS = (0, 50, 200, 500, 1000)  # at 256², a 1,000-voxel lesion is ~4 slices of an 18-px disc
 MIN_AREAS = (0, 10, 25, 50, 100, 200)
 
