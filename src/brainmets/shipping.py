@@ -146,5 +146,10 @@ Full report: `metrics.json`.
 - **Known limits**: trained on {len(split['train'])} patients of one public collection (TCGA lower-grade \
 glioma, 5 institutions, FLAIR-abnormality masks by one reader); not validated on metastases, other scanners \
 or protocols; the network sees one slice at a time (only the post-processing works in 3-D); research use only, not a medical device.
+- **Training data and its terms**: TCGA-LGG MRI from The Cancer Imaging Archive (TCIA) with the FLAIR-abnormality \
+masks of Buda et al.; the brainmets code is MIT-licensed, but these weights were trained on that data and are to be \
+used under the TCIA Data Usage Policy. Cite M. Buda, A. Saha, M. A. Mazurowski, "Association of genomic subtypes of \
+lower-grade gliomas with shape features automatically extracted by a deep learning algorithm", Computers in Biology \
+and Medicine 109 (2019), 218–225, doi:10.1016/j.compbiomed.2019.05.002.
 """
     (folder / "MODEL_CARD.md").write_text(text)
