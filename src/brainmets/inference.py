@@ -201,6 +201,13 @@ class VolumePrediction:
         return gzip.compress(image.to_bytes(), compresslevel=6)
 
 
+@dataclass
+class StackPrediction:
+    probability: np.ndarray  # float32 (N, H, W)
+    mask: np.ndarray  # bool (N, H, W)
+    seconds: float = 0.0
+
+
 def encode_png(array: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", array)
     if not ok:
@@ -246,6 +253,13 @@ class Predictor:
     def binarize(self, prob: np.ndarray) -> np.ndarray:
         """The model's mask rule, with the smallest-lesion area scaled to this slice's size."""
         return binarize(prob, self.threshold, self.min_area * prob.size / self.input_px)
+
+    def predict_stack(self, slices: Sequence[np.ndarray], spacing: tuple[float, float, float] | None = None,
+                      tta: bool = False) -> StackPrediction:
+        """One patient's slices in order (placeholder until the engine's 3-D post-processing lands)."""
+        t0 = time.perf_counter()
+        prob = np.stack(self.probabilities(slices, tta))
+        return StackPrediction(prob, np.stack([self.binarize(p) for p in prob]), time.perf_counter() - t0)
 
     def predict_volume(self, volume: Volume, tta: bool = False) -> VolumePrediction:
         """Slice by slice along the axis nearest the patient's inferior-superior axis, each slice shown to
