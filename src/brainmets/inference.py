@@ -232,13 +232,6 @@ class VolumePrediction:
         return gzip.compress(image.to_bytes(), compresslevel=6)
 
 
-@dataclass
-class StackPrediction:
-    probability: np.ndarray  # float32 (N, H, W)
-    mask: np.ndarray  # bool (N, H, W)
-    seconds: float = 0.0
-
-
 def encode_png(array: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", array)
     if not ok:
@@ -338,13 +331,6 @@ class Predictor:
 
     def mask_stack(self, probability: np.ndarray) -> np.ndarray:
         return mask_stack(probability, self.post, self.scale(probability.shape))
-
-    def predict_stack(self, slices: Sequence[np.ndarray], spacing: tuple[float, float, float] | None = None,
-                      tta: bool = False) -> StackPrediction:
-        """One patient's slices in order (placeholder until the engine's 3-D post-processing lands)."""
-        t0 = time.perf_counter()
-        prob = np.stack(self.probabilities(slices, tta))
-        return StackPrediction(prob, np.stack([self.binarize(p) for p in prob]), time.perf_counter() - t0)
 
     def predict_volume(self, volume: Volume, tta: bool = False) -> VolumePrediction:
         """Along the axis nearest the patient's inferior-superior axis, each slice shown to the network as the
