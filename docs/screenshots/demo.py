@@ -61,7 +61,7 @@ def record(page, upload: Path) -> Recording:
     overlay.wait_for()
     page.locator(IDLE).wait_for()
     scroll_to(page, overlay)
-    rec.frame("2. The lesion outlined, with the probability heat map (model: best)", 3.0)
+    rec.frame("2. The lesion outlined, with the probability heat map", 3.0)
     result = page.get_by_test_id("stDataFrame").first
     scroll_to(page, result)
     rec.frame("2. Lesion count, area and the table of lesions", 2.5)
