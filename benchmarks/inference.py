@@ -36,14 +36,13 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 from torch.utils.flop_counter import FlopCounterMode
 
-from brainmets.evaluation import autocast
+from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 from brainmets.export import export_onnx
 from brainmets.inference import ONNX_SHA_KEY, Network, Predictor, encode_png, file_sha256, onnx_session
 from brainmets.metrics import dice
-from brainmets.models import count_parameters
+from brainmets.models import autocast, count_parameters
 from brainmets.preprocessing import enhance, normalize, resize_mask
 from brainmets.registry import SHIPPED, best_name, models_dir
-from brainmets.training import load_checkpoint, model_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_GFLOPS = 183.0  # fp32, 2 cores x 32 FLOP/cycle (AVX-512 FMA, double-pumped on Zen 4) x ~2.86 GHz

@@ -37,7 +37,7 @@ from brainmets.api.main import create_app
 from brainmets.api.service import Models, ModelNotInstalled
 from brainmets.api.settings import Settings
 from brainmets.app.launch import wait_until_up
-from brainmets.training import load_checkpoint
+from brainmets.checkpoints import load_checkpoint
 from conftest import REPO, api_client, free_port
 from samples import bomb_png, brain, dicom, encode, nifti, tiff_stack
 

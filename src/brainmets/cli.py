@@ -140,7 +140,7 @@ def evaluate(
     """Evaluate a model: per-patient 3-D Dice, lesion-slice and pooled Dice, IoU, precision/recall, HD95, detection."""
     from brainmets.evaluation import evaluate as run_evaluation
     from brainmets.registry import resolve
-    from brainmets.training import load_checkpoint, model_from_checkpoint
+    from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 
     path = resolve(model)
     ckpt = load_checkpoint(path)
@@ -240,7 +240,7 @@ def ship(
 ) -> None:
     """Ship a run: weights, ONNX, config, split, log, test metrics and a model card in one folder."""
     from brainmets.shipping import ship as ship_run
-    from brainmets.training import load_checkpoint, model_from_checkpoint
+    from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 
     _, cfg = model_from_checkpoint(load_checkpoint(run / "best.pt"))
     _, arrays = load_arrays(data, cfg.preprocess)
@@ -275,7 +275,7 @@ def compare(
     if data is not None:
         from brainmets.evaluation import predict_probabilities
         from brainmets.postprocessing import binarize
-        from brainmets.training import load_checkpoint, model_from_checkpoint
+        from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 
         best = next((r for r in loaded if (r.folder / "model.pt").exists()), None)
         if best is None:

@@ -7,7 +7,6 @@ slices stacked into a volume and scored in 3-D. Also reported: Dice over the sli
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from typing import Any
 
@@ -18,12 +17,9 @@ from torch import nn
 
 from brainmets.cache import Arrays
 from brainmets.metrics import Counts, counts, detection, hd95
+from brainmets.models import autocast
 from brainmets.postprocessing import binarize
 from brainmets.preprocessing import normalize
-
-
-def autocast(bf16: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 @torch.no_grad()

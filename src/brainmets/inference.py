@@ -26,12 +26,12 @@ import onnxruntime as ort
 import torch
 from scipy.special import expit
 
+from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 from brainmets.config import TrainConfig
 from brainmets.postprocessing import binarize
 from brainmets.preprocessing import preprocess
 from brainmets.readers import Volume, axial_slices, stack_axial
 from brainmets.registry import SHIPPED, resolve
-from brainmets.training import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 

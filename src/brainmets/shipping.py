@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 
 from brainmets.cache import Arrays
+from brainmets.checkpoints import load_checkpoint, model_from_checkpoint, save_atomic
 from brainmets.evaluation import evaluate, predict_patients, tune_postprocessing
 from brainmets.models import count_parameters
 from brainmets.report import Run
-from brainmets.training import load_checkpoint, model_from_checkpoint, save_atomic
 
 
 def ship(run: Path, arrays: Arrays, out: Path, hardware: str, data_label: str, onnx: bool = True) -> dict:

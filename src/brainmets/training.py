@@ -5,7 +5,7 @@ checkpoint (last, and best on validation) -> log -> stop (epochs done or time bu
 
 Every epoch reseeds torch, numpy and the augmentation from (seed, epoch), so `--resume` after a crash
 replays exactly what an uninterrupted run would have done. Checkpoints are plain dicts of tensors and
-primitives, written to a temporary file and renamed, loadable with `torch.load(weights_only=True)`.
+primitives, written whole or not at all (`brainmets.checkpoints`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,9 +29,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from brainmets.augmentation import train_transform
 from brainmets.cache import Arrays
+from brainmets.checkpoints import check_writable, load_checkpoint, save_atomic, sweep_temporaries, write_atomic
 from brainmets.config import TrainConfig
-from brainmets.evaluation import autocast, evaluate
-from brainmets.models import build_model
+from brainmets.evaluation import evaluate
+from brainmets.models import autocast, build_model
 from brainmets.preprocessing import normalize
 from brainmets.split import Split
 
@@ -111,50 +111,6 @@ def learning_rate(cfg: TrainConfig, progress: float) -> float:
     raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}; expected constant or cosine")
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash or a full disk leaves the previous file whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch reports a failed write (ENOSPC) as a RuntimeError
-        raise OSError(f"cannot write checkpoint {path} ({e}); is the disk full? The previous "
-                      f"{path.name} is untouched") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's dict; never unpickles code (weights_only), so a hostile file cannot run anything."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable brainmets checkpoint ({str(e).splitlines()[0]})") from e
-
-
-def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, TrainConfig]:
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"0")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"cannot write to output folder {out}: {e.strerror or e}") from e
-
-
 def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
     """Train to `out/` (last.pt, best.pt, config.json, split.json, log.jsonl); return the best checkpoint's
@@ -177,8 +133,7 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
         last = out / "last.pt"
         if not last.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {last}")
-        for stale in out.glob(".*.tmp-*"):  # left by a writer killed mid-write; never read
-            stale.unlink(missing_ok=True)
+        sweep_temporaries(out)
         ckpt = load_checkpoint(last)
         saved = TrainConfig.from_dict(ckpt["config"])
         if saved.model != cfg.model:
