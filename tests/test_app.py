@@ -199,7 +199,7 @@ def test_both_models_side_by_side_and_the_ensemble(page):
     page.selectbox[0].set_value("ensemble").run()
     page.toggle[0].set_value(True).run()
     assert_clean(page)
-    assert [s.value for s in page.tabs[0].subheader] == ["Ensemble (mean of both)"]
+    assert [s.value for s in page.tabs[0].subheader] == ["Ensemble (mean of U-Net++ and Attention U-Net)"]
 
 
 def test_a_dicom_slice_gets_areas_in_mm2(page, api_server):

@@ -31,12 +31,11 @@ from brainmets.config import TrainConfig
 from brainmets.postprocessing import binarize
 from brainmets.preprocessing import preprocess
 from brainmets.readers import Volume, axial_slices, stack_axial
-from brainmets.registry import SHIPPED, resolve
+from brainmets.registry import ENSEMBLE, SHIPPED, resolve
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "onnxruntime", "torch")
-ENSEMBLE = "ensemble"
 BATCH = 8  # slices per forward pass (x3 with TTA): fewer calls for volumes, ~50 MB of activations at 256²
 ONNX_SHA_KEY = "checkpoint_sha256"  # ONNX metadata: the checkpoint the file was exported from
 

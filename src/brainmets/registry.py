@@ -11,9 +11,20 @@ import json
 import os
 from pathlib import Path
 
-from brainmets.config import MODEL_NAMES
+from brainmets.config import MODEL_NAMES, NETWORKS
 
 SHIPPED = MODEL_NAMES
+ENSEMBLE = "ensemble"
+CANDIDATES = (*SHIPPED, ENSEMBLE)  # what `best` may stand for
+BEST = "best"
+CHOICES = (BEST, *CANDIDATES)  # every model name a request, the command line or the page may give
+
+
+def title(name: str) -> str:
+    """How the page and the model cards call a model."""
+    if name == ENSEMBLE:
+        return f"Ensemble (mean of {' and '.join(NETWORKS[n].title for n in SHIPPED)})"
+    return NETWORKS[name].title if name in NETWORKS else name
 
 
 def models_dir() -> Path:
@@ -35,7 +46,7 @@ def best_name() -> str:
 def resolve(name_or_path: str | Path) -> Path:
     """A shipped name (`unetpp`, `attention-unet`, `best`), a checkpoint file, or a training run folder."""
     name = str(name_or_path)
-    if name == "best":
+    if name == BEST:
         name = best_name()
     if name in SHIPPED:
         path = models_dir() / name / "model.pt"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from brainmets.cache import Arrays
 from brainmets.checkpoints import load_checkpoint, model_from_checkpoint, save_atomic
+from brainmets.config import NETWORKS
 from brainmets.evaluation import evaluate, predict_patients, tune_postprocessing
 from brainmets.models import count_parameters
 from brainmets.report import Run
@@ -55,7 +56,7 @@ def write_model_card(folder: Path, run: Run, params: int, best_epoch: int, hardw
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     text = f"""# Model card: {cfg.name}
 
-- **Network**: MONAI {'BasicUNetPlusPlus' if cfg.name == 'unetpp' else 'AttentionUnet'}, widths {list(cfg.model.widths)}, \
+- **Network**: MONAI {NETWORKS[cfg.name].monai_class}, widths {list(cfg.model.widths)}, \
 {params / 1e6:.2f} M parameters; input 3 × {cfg.preprocess.image_size}² (pre-contrast, FLAIR, post-contrast), \
 output one lesion logit per pixel; threshold {cfg.threshold} on the sigmoid, then components under \
 {cfg.min_lesion_px} px dropped per slice (both chosen on the validation patients: per-patient Dice \

@@ -6,14 +6,11 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from brainmets.registry import CHOICES, SHIPPED
 
-class ModelChoice(str, Enum):
-    """The only model names a request may give; each maps through `brainmets.registry.resolve`."""
 
-    best = "best"
-    unetpp = "unetpp"
-    attention_unet = "attention-unet"
-    ensemble = "ensemble"
+# The only model names a request may give (`brainmets.registry.CHOICES`); only the registry turns them into files.
+ModelChoice = Enum("ModelChoice", [(name, name) for name in CHOICES], type=str)
 
 
 class OutputFormat(str, Enum):
@@ -23,7 +20,7 @@ class OutputFormat(str, Enum):
 
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
-    models: list[str] = Field(description="Installed shipped models.", examples=[["unetpp", "attention-unet"]])
+    models: list[str] = Field(description="Installed shipped models.", examples=[list(SHIPPED)])
 
 
 class ModelInfo(BaseModel):

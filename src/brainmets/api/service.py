@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 from brainmets.api.schemas import LesionOut, ModelInfo, SegmentResponse
 from brainmets.config import TrainConfig
-from brainmets.inference import ENSEMBLE, Network, Prediction, Predictor
+from brainmets.inference import Network, Prediction, Predictor
 from brainmets.readers import read_slice, read_volume
-from brainmets.registry import SHIPPED, best_name, models_dir, resolve, shipped_metrics
+from brainmets.registry import BEST, ENSEMBLE, SHIPPED, best_name, models_dir, resolve, shipped_metrics
 
 
 class ModelNotInstalled(LookupError):
@@ -55,7 +55,7 @@ class Models:
 
     def predictor(self, choice: str) -> Predictor:
         """`best`, `ensemble` (both shipped networks) or a shipped name."""
-        if choice == "best":
+        if choice == BEST:
             try:
                 choice = best_name()
             except FileNotFoundError as e:
