@@ -21,10 +21,10 @@ from streamlit.testing.v1 import AppTest
 import brainmets.app
 from brainmets.app import images
 from brainmets.app.client import ApiError, Client
+from brainmets.app.launch import free_port, running
 from brainmets.app.segment import available_modes
 from brainmets.preprocessing import to_uint8_rgb
 from brainmets.readers import read_slice, read_volume
-from conftest import free_port
 from samples import brain, dicom, encode, nifti
 
 PAGE = Path(brainmets.app.__file__).with_name("page.py")
@@ -274,6 +274,13 @@ def test_about_states_the_data_the_metrics_and_the_limits(page):
 
 
 # --- brainmets run ------------------------------------------------------------------------------------------
+
+def test_a_server_that_dies_at_start_is_reported_with_the_end_of_its_output(tmp_path):
+    command = [sys.executable, "-c", "print('port already taken'); raise SystemExit(3)"]
+    with pytest.raises(RuntimeError, match=r"(?s)API exited with code 3 .*the end of .*server.log:\nport already taken"):
+        with running(command, f"http://127.0.0.1:{free_port()}/health", "API", tmp_path / "server.log"):
+            pytest.fail("a server that never answered was taken as started")
+
 
 def test_run_starts_the_api_and_the_page_and_ctrl_c_stops_both(models_root, monkeypatch):
     api_port, page_port = free_port(), free_port()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import numpy as np
 import pytest
 
 from brainmets.app.client import Client
-from brainmets.app.launch import wait_until_up
-from conftest import free_port
+from brainmets.app.launch import free_port, running
 from samples import brain, encode
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -44,15 +42,10 @@ def docs(tmp_path_factory) -> Path:
 def page_url(api_server, docs, tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with (tmp_path_factory.mktemp("page") / "page.log").open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "brainmets", "app", "--port", str(port), "--api", api_server,
-                                    "--docs", str(docs)], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until_up(f"{url}/_stcore/health", process, "page", timeout_s=60)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(10)
+    command = [sys.executable, "-m", "brainmets", "app", "--port", str(port), "--api", api_server, "--docs", str(docs)]
+    with running(command, f"{url}/_stcore/health", "page", tmp_path_factory.mktemp("page") / "page.log",
+                 timeout_s=60):
+        yield url
 
 
 @pytest.fixture(scope="module")
