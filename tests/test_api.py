@@ -52,7 +52,7 @@ def test_models_show_metrics_but_no_server_paths(client):
     best = models["attention-unet"]
     assert best["best"] and not models["unetpp"]["best"]
     assert best["metrics"] == {"dice_per_patient_mean": 0.6, "patients": 2}  # the checkpoint path is left out
-    assert (best["image_size"], best["threshold"], best["runtime"]) == (64, 0.5, "onnxruntime")
+    assert (best["image_size"], best["threshold"], best["min_lesion_px"], best["runtime"]) == (64, 0.5, 0, "onnxruntime")
     assert models["unetpp"]["runtime"] == "torch"
 
 

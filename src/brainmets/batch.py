@@ -37,7 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from scipy import ndimage
 
 from brainmets.checkpoints import replacing, write_atomic
-from brainmets.data import IMAGE_EXTS, MASK_SUFFIX, Source, _ignored
+from brainmets.data import IMAGE_EXTS, MASK_SUFFIX, Source, ignored
 from brainmets.inference import Predictor
 from brainmets.readers import ACCEPTED, UnsupportedFormat, axial_slices, read_slice, read_volume, sniff
 
@@ -118,7 +118,7 @@ def find_jobs(inputs: Iterable[Path], out: Path) -> tuple[list[Job], Counter]:
     for source_path, anchor, named in anchors:
         source = Source(source_path)
         prefix = anchor.relative_to(base)
-        keys = [named] if named else sorted(k for k in source.keys() if not _ignored(k))
+        keys = [named] if named else sorted(k for k in source.keys() if not ignored(k))
         # An earlier run's masks, when --out lies inside a walked folder, are not inputs.
         outputs = f"{out.relative_to(source_path).as_posix()}/" if out.is_relative_to(source_path) else None
         for key in keys:

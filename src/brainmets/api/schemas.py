@@ -29,7 +29,9 @@ class ModelInfo(BaseModel):
     runtime: str | None = Field(description="onnxruntime or torch once loaded, null before.",
                                 examples=["onnxruntime"])
     image_size: int | None = Field(description="Side of the square every slice is resized to.", examples=[256])
-    threshold: float | None = Field(description="Probability threshold of the mask.", examples=[0.5])
+    threshold: float | None = Field(description="Probability threshold of the mask.", examples=[0.6])
+    min_lesion_px: int | None = Field(description="Lesions smaller than this (pixels at `image_size`, scaled to "
+                                                  "the input's size) are dropped from the mask.", examples=[100])
     metrics: dict[str, float | int] | None = Field(
         description="The model's test evaluation (models/<name>/metrics.json): per-patient Dice and friends.",
         examples=[{"dice_per_patient_mean": 0.83, "dice_pooled": 0.86, "patients": 9}])

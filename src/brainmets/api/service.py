@@ -76,7 +76,9 @@ class Models:
             loaded = self._networks.get(name)
             out.append(ModelInfo(name=name, best=name == best, runtime=loaded.runtime if loaded else None,
                                  image_size=cfg.preprocess.image_size if cfg else None,
-                                 threshold=cfg.threshold if cfg else None, metrics=_numbers(shipped_metrics(name))))
+                                 threshold=cfg.threshold if cfg else None,
+                                 min_lesion_px=cfg.min_lesion_px if cfg else None,
+                                 metrics=_numbers(shipped_metrics(name))))
         return out
 
 

@@ -13,7 +13,7 @@ from brainmets.app.client import ApiError, Client
 from brainmets.app.compare import models_info
 from brainmets.config import PreprocessConfig
 from brainmets.preprocessing import enhance, to_uint8_rgb
-from brainmets.readers import ImageReadError, read_slice, read_volume, sniff
+from brainmets.readers import ACCEPTED, ImageReadError, read_slice, read_volume, sniff
 from brainmets.registry import BEST, ENSEMBLE, SHIPPED, title
 
 SIDE_BY_SIDE = "both side by side" if len(SHIPPED) == 2 else "all side by side"
@@ -23,7 +23,6 @@ MODES = {  # choice on the page -> the API's model names, one request each
     SIDE_BY_SIDE: SHIPPED,
     ENSEMBLE: (ENSEMBLE,),
 }
-FORMATS = "PNG, JPEG, TIFF, DICOM (.dcm) or NIfTI (.nii, .nii.gz)"
 
 
 def available_modes(models: list[dict] | None) -> list[str]:
@@ -62,9 +61,9 @@ def render(api: str) -> None:
     mode = choice.selectbox("Model", modes, help="best = the shipped model with the higher test Dice per patient.")
     tta = tta_col.toggle("Flip TTA", help="Test-time augmentation: average the prediction over flipped copies.")
     opacity = opacity_col.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05)
-    upload = st.file_uploader(f"MRI slice or volume: {FORMATS}", key="upload")
+    upload = st.file_uploader(f"MRI slice or volume: {ACCEPTED}", key="upload")
     if upload is None:
-        st.info(f"Upload an MRI slice or volume ({FORMATS}). The reference data's slices are 3-channel "
+        st.info(f"Upload an MRI slice or volume ({ACCEPTED}). The reference data's slices are 3-channel "
                 f"TIFFs (pre-contrast, FLAIR, post-contrast).")
         return
     data, name = upload.getvalue(), upload.name
