@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import re
 import shutil
 import threading
 import time
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from brainmets.api import service
-from brainmets.api.main import create_app
+from brainmets.api.main import DOCS_ASSETS, create_app
 from brainmets.api.service import InferencePool, Overloaded
 from brainmets.api.settings import Settings
 from conftest import api_client
@@ -253,6 +254,19 @@ def test_openapi_documents_errors_and_examples(client):
     assert "image/png" in segment["responses"]["200"]["content"]
     assert spec["components"]["schemas"]["SegmentResponse"]["properties"]["inference_ms"]["examples"] == [14.2]
     assert "/v1/segment/volume" in spec["paths"] and "/v1/models" in spec["paths"]
+
+
+@pytest.mark.parametrize("page, assets", [("/docs", ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")),
+                                          ("/redoc", ("redoc.standalone.js", "favicon.png"))])
+def test_api_docs_load_everything_from_this_server(client, page, assets):
+    """Offline networks (hospitals) reach no CDN: every script, style and icon of the docs is served here."""
+    html = client.get(page).text
+    urls = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert sorted(urls) == sorted(f"{DOCS_ASSETS}/{name}" for name in assets)
+    assert "//" not in html.replace("window.location.origin", "")  # no absolute URL anywhere, fonts included
+    for url in urls:
+        r = client.get(url)
+        assert r.status_code == 200 and len(r.content) > 1000, url
 
 
 def test_settings_come_from_the_environment(monkeypatch):

@@ -114,3 +114,27 @@ def test_upload_see_the_lesions_compare_and_a_bad_file(browser, page_url, api_se
     assert result.count() == 0 and overlay.count() == 0
     page.screenshot(path=tmp_path / "error.png", full_page=True)
     page.close()
+
+
+def test_api_docs_render_with_no_network_but_the_api(browser, api_server):
+    """/docs and /redoc as on an offline hospital network: any request to another host is refused, and both
+    render. The only outside request left is ReDoc's attribution logo, an image that is simply missing offline."""
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    elsewhere = []
+
+    def only_the_api(route):
+        if route.request.url.startswith(api_server):
+            route.continue_()
+        else:
+            elsewhere.append((route.request.resource_type, route.request.url))
+            route.abort()
+
+    page.route("**/*", only_the_api)
+    page.goto(f"{api_server}/docs")
+    page.locator(".opblock-summary-path").filter(has_text="/v1/segment/volume").wait_for()
+    assert "Segment one slice" in page.locator("#swagger-ui").inner_text()
+    page.goto(f"{api_server}/redoc")
+    page.get_by_role("heading", name="Segment a NIfTI volume").wait_for()
+    assert all(kind == "image" for kind, _ in elsewhere), elsewhere  # no script, style or font
+    page.close()
