@@ -14,14 +14,13 @@ from pathlib import Path
 from brainmets.config import MODEL_NAMES, NETWORKS
 
 SHIPPED = MODEL_NAMES
-ENSEMBLE = "ensemble"
-CANDIDATES = (*SHIPPED, ENSEMBLE)  # what `best` may stand for
 BEST = "best"
-CHOICES = (BEST, *CANDIDATES)  # every model name a request, the command line or the page may give
+ENSEMBLE = "ensemble"
+CHOICES = (BEST, *SHIPPED, ENSEMBLE)  # every model name a request, the command line or the page may give
 
 
 def title(name: str) -> str:
-    """How the page and the model cards call a model."""
+    """How the page names a model."""
     if name == ENSEMBLE:
         return f"Ensemble (mean of {' and '.join(NETWORKS[n].title for n in SHIPPED)})"
     return NETWORKS[name].title if name in NETWORKS else name

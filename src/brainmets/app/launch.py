@@ -84,17 +84,13 @@ def running(command: list[str], health_url: str, what: str, log: Path | None = N
             cwd: Path | None = None, timeout_s: float = START_TIMEOUT_S) -> Iterator[subprocess.Popen]:
     """`command` as a child process (output to `log`, else inherited), once it answers at `health_url`;
     stopped when the block ends. Tests and the screenshot script start their servers with this."""
-    out = open(log, "w") if log else None
-    try:
+    with open(log, "w") if log else contextlib.nullcontext() as out:
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if out else None)
         try:
             wait_until_up(health_url, process, what, timeout_s, log)
             yield process
         finally:
             stop([process])
-    finally:
-        if out:
-            out.close()
 
 
 def stop(processes: list[subprocess.Popen], grace_s: float = 10.0) -> None:
