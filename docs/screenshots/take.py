@@ -12,9 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import socket
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +19,8 @@ from pathlib import Path
 import cv2
 from playwright.sync_api import sync_playwright
 
-from brainmets.app.launch import page_command, page_env, serve_command, stop, wait_until_up
+from brainmets.app.launch import free_port, page_command, page_env, running, serve_command
+from brainmets.app.segment import SIDE_BY_SIDE
 from brainmets.registry import SHIPPED, models_dir
 
 HERE = Path(__file__).resolve().parent
@@ -31,12 +29,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 UPLOAD = '[data-testid="stFileUploaderDropzoneInput"]'
 DATA = Path(os.environ.get("BRAINMETS_DATA", HERE.parents[2] / "shared" / "data" / "lgg"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def largest_lesion_slice(data: Path) -> Path:
@@ -71,14 +63,30 @@ def api_and_page() -> Iterator[str]:
     """`brainmets serve` and the page on free loopback ports, stopped on exit: the page's URL."""
     api_port, page_port = free_port(), free_port()
     api, page_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{page_port}"
-    processes = [subprocess.Popen(serve_command("127.0.0.1", api_port)),
-                 subprocess.Popen(page_command("127.0.0.1", page_port), env=page_env(api))]
-    try:
-        wait_until_up(f"{api}/health", processes[0], "API")
-        wait_until_up(f"{page_url}/_stcore/health", processes[1], "page")
-        yield page_url
-    finally:
-        stop(processes)
+    with (running(serve_command("127.0.0.1", api_port), f"{api}/health", "API"),
+          running(page_command("127.0.0.1", page_port), f"{page_url}/_stcore/health", "page", env=page_env(api)),
+          tempfile.TemporaryDirectory() as tmp, sync_playwright() as p):
+        upload = as_tiff(args.slice or largest_lesion_slice(args.data), Path(tmp))
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": args.width, "height": 1300})
+        page.set_default_timeout(60_000)
+        page.goto(page_url)
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').wait_for(state="attached")
+        page.locator(IDLE).wait_for()
+        if page.get_by_test_id("stSelectbox").count():
+            page.get_by_test_id("stSelectbox").click()
+            options = page.get_by_role("option")
+            labels = options.all_inner_texts()
+            options.nth(labels.index(SIDE_BY_SIDE) if SIDE_BY_SIDE in labels else 0).click()
+            page.locator(IDLE).wait_for()
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(upload))
+        page.get_by_test_id("stDataFrame").first.wait_for()
+        shoot(page, HERE / "segment.png")
+        for view in ("Compare", "About"):
+            page.get_by_role("tab", name=view).click()
+            shoot(page, HERE / f"{view.lower()}.png")
+        browser.close()
+    print(f"uploaded {upload.name}; screenshots in {HERE}")
 
 
 @contextlib.contextmanager

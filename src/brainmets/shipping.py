@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from brainmets.cache import Arrays
-from brainmets.config import PostprocessConfig
+from brainmets.checkpoints import load_checkpoint, model_from_checkpoint, save_atomic
+from brainmets.config import NETWORKS, PostprocessConfig
 from brainmets.evaluation import engine_probabilities, evaluate, report, tune_postprocessing
 from brainmets.inference import Network, Predictor
 from brainmets.models import count_parameters
 from brainmets.registry import ENSEMBLE, SHIPPED, best_name
 from brainmets.report import Run
-from brainmets.training import load_checkpoint, model_from_checkpoint, save_atomic
 
 
 def summary(r: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def write_model_card(folder: Path, run: Run, params: int, best_epoch: int, hardw
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     text = f"""# Model card: {cfg.name}
 
-- **Network**: MONAI {'BasicUNetPlusPlus' if cfg.name == 'unetpp' else 'AttentionUnet'}, widths {list(cfg.model.widths)}, \
+- **Network**: MONAI {NETWORKS[cfg.name].monai_class}, widths {list(cfg.model.widths)}, \
 {params / 1e6:.2f} M parameters; input 3 × {cfg.preprocess.image_size}² (pre-contrast, FLAIR, post-contrast), \
 output one lesion logit per pixel. **Post-processing** (chosen on the validation patients, per-patient Dice \
 {m['validation']['dice_per_patient_mean']:.3f} there): threshold {cfg.threshold} on the sigmoid; a patient's \

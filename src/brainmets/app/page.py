@@ -35,4 +35,4 @@ with segment_tab:
 with compare_tab:
     compare.render(API, DOCS)
 with about_tab:
-    about.render()
+    about.render(API)
