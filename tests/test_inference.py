@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -267,3 +268,18 @@ def test_ensemble_uses_its_validation_tuned_rule_and_can_be_best(models_root, tm
     assert best.post == PostprocessConfig(0.35, 0, "single", 20)
     (root / "unetpp" / "model.pt").unlink()  # one network alone cannot make the ensemble
     assert Predictor.load("best").name == "attention-unet"
+
+
+def test_lesion_mode_override_takes_the_settings_validation_chose_for_it(models_root, tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    shutil.copytree(models_root, root)
+    metrics = json.loads((root / "unetpp" / "metrics.json").read_text())
+    metrics["validation_tuning"] = {"modes": {
+        "single": {"post": {"threshold": 0.45, "min_lesion_px": 10, "mode": "single", "min_lesion_voxels": 0}},
+        "multiple": {"post": {"threshold": 0.7, "min_lesion_px": 10, "mode": "multiple", "min_lesion_voxels": 300}}}}
+    (root / "unetpp" / "metrics.json").write_text(json.dumps(metrics))
+    monkeypatch.setenv("BRAINMETS_MODELS", str(root))
+    assert Predictor.load("unetpp").post.mode == "multiple"  # its config's
+    assert Predictor.load("unetpp", lesion_mode="single").post == PostprocessConfig(0.45, 10, "single", 0)
+    # a model never tuned per mode: only the mode changes
+    assert Predictor.load("attention-unet", lesion_mode="single").post == PostprocessConfig(0.5, 0, "single", 0)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from brainmets.config import MODEL_NAMES, PreprocessConfig, make_config
+from brainmets.config import LESION_MODES, MODEL_NAMES, PreprocessConfig, make_config
 from brainmets.registry import CHOICES, SHIPPED
 
 app = typer.Typer(help="Brain lesion segmentation in MRI slices: split, train, evaluate, predict, serve.",
@@ -26,6 +26,7 @@ DataOpt = Annotated[Path, typer.Option("--data", "-d", help="The Data.zip or a f
 
 ModelName = Enum("ModelName", [(name, name) for name in MODEL_NAMES], type=str)
 MODEL_HELP = f"{', '.join(CHOICES)}, a .pt checkpoint or a run folder."
+LesionMode = Enum("LesionMode", [(mode, mode) for mode in LESION_MODES], type=str)
 
 
 class Recipe(str, Enum):
@@ -140,16 +141,15 @@ def evaluate(
     runtime: Annotated[str, typer.Option(help="auto (OpenVINO where exported, as served), openvino, onnxruntime or torch.")] = "auto",
     precision: Annotated[str, typer.Option(help="OpenVINO precision: auto (bf16 where the CPU has it, as served), bf16 or f32.")] = "auto",
     flair_only: Annotated[bool, typer.Option(help="Feed FLAIR in all three channels, as for a study without T1 series.")] = False,
+    lesion_mode: Annotated[Optional[LesionMode], typer.Option(help="single: keep each patient's strongest 3-D lesion; multiple: every one (default: the model's, chosen on validation).")] = None,
 ) -> None:
     """Evaluate a model through the serving engine: per-patient 3-D Dice, lesion-slice and pooled Dice, IoU,
     precision/recall, HD95, detection."""
-    import dataclasses
-
     from brainmets.evaluation import evaluate as run_evaluation
     from brainmets.inference import Predictor
     from brainmets.checkpoints import load_checkpoint
 
-    predictor = Predictor.load(model, runtime, precision=precision)
+    predictor = Predictor.load(model, runtime, precision=precision, lesion_mode=lesion_mode and lesion_mode.value)
     if threshold is not None:
         predictor.post = dataclasses.replace(predictor.post, threshold=threshold)
     path = predictor.networks[0].checkpoint

@@ -13,6 +13,7 @@ rule for a stack. `brainmets evaluate` and `ship` measure through this same engi
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import logging
@@ -34,7 +35,7 @@ from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.postprocessing import mask_slice, mask_stack
 from brainmets.preprocessing import preprocess
 from brainmets.readers import Volume, axial_slices, stack_axial
-from brainmets.registry import ENSEMBLE, SHIPPED, best_name, ensemble_post, resolve
+from brainmets.registry import BEST, ENSEMBLE, SHIPPED, best_name, ensemble_post, resolve, tuned_post
 
 log = logging.getLogger(__name__)
 
@@ -263,15 +264,20 @@ class Predictor:
         self.post = post or (networks[0].cfg.post if len(networks) == 1 else _mean_post(networks))
 
     @classmethod
-    def load(cls, name_or_path: str | Path, runtime: str = "auto", threads: int = 0,
-             precision: str = "auto") -> Predictor:
+    def load(cls, name_or_path: str | Path, runtime: str = "auto", threads: int = 0, precision: str = "auto",
+             lesion_mode: str | None = None) -> Predictor:
         """`ensemble`, a shipped name (`unetpp`, `attention-unet`, `best`), a checkpoint or a run folder,
-        all through `brainmets.registry.resolve`."""
-        name = best_name() if str(name_or_path) == "best" else str(name_or_path)
+        all through `brainmets.registry`. `lesion_mode` ('single' or 'multiple') overrides the model's own, with
+        the settings validation chose for that mode where they are known."""
+        name = best_name() if str(name_or_path) == BEST else str(name_or_path)
         if name == ENSEMBLE:
-            return cls([Network.load(resolve(n), runtime, threads, precision) for n in SHIPPED], name,
-                       ensemble_post())
-        return cls([Network.load(resolve(name), runtime, threads, precision)], name)
+            predictor = cls([Network.load(resolve(n), runtime, threads, precision) for n in SHIPPED], name,
+                            ensemble_post())
+        else:
+            predictor = cls([Network.load(resolve(name), runtime, threads, precision)], name)
+        if lesion_mode and lesion_mode != predictor.post.mode:
+            predictor.post = tuned_post(name, lesion_mode) or dataclasses.replace(predictor.post, mode=lesion_mode)
+        return predictor
 
     @property
     def input_px(self) -> int:

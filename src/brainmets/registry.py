@@ -44,6 +44,18 @@ def ensemble_post() -> PostprocessConfig | None:
     return PostprocessConfig(**json.loads(path.read_text())) if path.exists() else None
 
 
+def tuned_post(name_or_path: str | Path, mode: str) -> PostprocessConfig | None:
+    """The post-processing tuned on validation for this lesion mode (`metrics.json` beside the model keeps both
+    modes' best settings), None where the model was never tuned."""
+    name = str(name_or_path)
+    path = models_dir() / name if name in CANDIDATES else Path(name_or_path)
+    metrics = (path if path.is_dir() else path.parent) / "metrics.json"
+    if not metrics.is_file():
+        return None
+    tuning = json.loads(metrics.read_text()).get("validation_tuning", {}).get("modes", {})
+    return PostprocessConfig(**tuning[mode]["post"]) if mode in tuning else None
+
+
 def validation_dice(name: str) -> float | None:
     metrics = shipped_metrics(name)
     return metrics["validation"]["dice_per_patient_mean"] if metrics and "validation" in metrics else None
