@@ -300,12 +300,14 @@ def compare(
                     key=lambda r: -r.metrics["dice_per_patient_mean"])
     if not loaded:
         raise FileNotFoundError("nothing to compare: no --run given and no shipped model has metrics.json")
-    examples = None
+    examples = best = None
     if data is not None:
         from brainmets.inference import Predictor
         from brainmets.preprocessing import normalize
 
-        best = next((r for r in loaded if (r.folder / "model.pt").exists()), None)
+        # The network validation prefers (the runs are listed by test Dice; test must not choose the example).
+        best = max((r for r in loaded if (r.folder / "model.pt").exists()), default=None,
+                   key=lambda r: r.metrics.get("validation", {}).get("dice_per_patient_mean", -1))
         if best is None:
             raise FileNotFoundError("--data asks for example overlays, but no compared folder holds a model.pt")
         predictor = Predictor.load(best.folder / "model.pt")
@@ -313,7 +315,8 @@ def compare(
         examples = overlay_examples(
             best, arrays, lambda x: predictor.mask_stack(predictor.model_probabilities(normalize(x))))
     shipped = {n: m for n in CANDIDATES if (m := shipped_metrics(n)) and "validation" in m} if not runs else {}
-    out = write_results(loaded, docs, examples, shipped, best_name() if shipped else None)
+    out = write_results(loaded, docs, examples, shipped, best_name() if shipped else None,
+                        best.label if examples else None)
     console.print(f"{out} written")
 
 

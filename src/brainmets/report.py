@@ -183,8 +183,16 @@ def plot_threshold_curves(shipped: dict[str, dict], out: Path) -> None:
     plt.close(fig)
 
 
+def failure_line(p: dict) -> str:
+    """One test patient's miss, in numbers: how much was predicted, whether its lesions were found, what else."""
+    found = f"{p['detected']} of {p['lesions']} lesions touched" if p["lesions"] else "no lesion in the ground truth"
+    return (f"{p['id']}: Dice {p['dice']:.3f}; {p['lesion_slices']} of {p['slices']} slices hold lesion; "
+            f"{p['predicted_px']:,} voxels predicted; {found}; {p['false_positives']} predicted components "
+            f"touching no lesion.")
+
+
 def write_results(runs: list[Run], docs: Path, examples=None, shipped: dict[str, dict] | None = None,
-                  best: str | None = None) -> Path:
+                  best: str | None = None, examples_of: str | None = None) -> Path:
     """docs/results.md and its figures (results-*.png)."""
     docs.mkdir(parents=True, exist_ok=True)
     plot_training_curves(runs, docs / "results-training-curves.png")
@@ -217,8 +225,11 @@ def write_results(runs: list[Run], docs: Path, examples=None, shipped: dict[str,
                   "![validation Dice against the threshold](results-thresholds.png)", ""]
     if examples:
         plot_overlays(examples, docs / "results-overlays.png")
-        lines += [f"Examples of {runs[0].label}: the best, median and three worst test patients (ground truth",
+        lines += [f"Examples of {examples_of or runs[0].label}: the best, median and three worst test patients (ground truth",
                   "green, prediction red).", "", "![overlays](results-overlays.png)", ""]
+        run = next((r for r in runs if r.label == examples_of), runs[0])
+        lines += ["What the worst test patients' masks did:", "",
+                  *(f"- {failure_line(p)}" for p in sorted(run.metrics["per_patient"], key=lambda p: p["dice"])[:3]), ""]
     out = docs / "results.md"
     out.write_text("\n".join(lines))
     return out
