@@ -406,7 +406,7 @@ def _numbered_slices(images: list[tuple[str, bytes]], limits: Limits, name: str,
             raise StudyTooLarge(f"{len(numbered)} slices of {pixels[0].shape[1]}x{pixels[0].shape[0]}; the limit is "
                                 f"{limits.max_voxels:,} voxels")
     stack = _channels_8bit(np.stack(pixels), name)
-    return Study(name=name, kind="slices", slices=list(stack), spacing=None, channels=_file_channels(stack),
+    return Study(name=name, kind="slices", slices=list(stack), spacing=None, channels=_file_channels(stack[0]),
                  warnings=warnings, ignored=ignored, affine=np.diag([-1.0, -1.0, 1.0, 1.0]))
 
 
@@ -417,21 +417,22 @@ def _channels_8bit(stack: np.ndarray, label: str) -> np.ndarray:
     return np.stack([_to_8bit(stack[..., c], label) for c in range(min(stack.shape[-1], 3))], axis=-1)
 
 
-def _file_channels(stack: np.ndarray) -> list[ChannelSource]:
+def _file_channels(image: np.ndarray) -> list[ChannelSource]:
     """Three channels are taken in the model's order (the dataset's); one is FLAIR filling all three."""
-    if stack.ndim == 4 and stack.shape[-1] == 3:
+    if image.ndim == 3 and image.shape[-1] == 3:
         return [ChannelSource(c, None, f"channel {i} of the images", "file") for i, c in enumerate(CHANNELS)]
     return [ChannelSource(c, None, "the images' one channel" if c == "flair" else "FLAIR",
                           "file" if c == "flair" else "filled with FLAIR") for c in CHANNELS]
 
 
 def study_from_volume(volume: Volume, name: str = "study") -> Study:
-    """A NIfTI volume, sliced along its axis nearest inferior-superior as `predict_volume` does."""
+    """A NIfTI volume, sliced along its axis nearest inferior-superior as `predict_volume` does. Intensities
+    are left to `preprocess` (per slice), as the page shows a volume's slices and the single-slice route
+    segments them."""
     slices, (rows_mm, columns_mm) = axial_slices(volume)
-    stack = _channels_8bit(np.stack(slices), name)
     step = volume.voxel_mm3 / (rows_mm * columns_mm)
-    return Study(name=name, kind="nifti", slices=list(stack), spacing=(step, rows_mm, columns_mm),
-                 channels=_file_channels(stack), volume=volume)
+    return Study(name=name, kind="nifti", slices=slices, spacing=(step, rows_mm, columns_mm),
+                 channels=_file_channels(slices[0]), volume=volume)
 
 
 def study_from_upload(data: bytes, channels: Mapping[str, str] | None = None, limits: Limits = Limits(),
