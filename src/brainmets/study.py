@@ -344,7 +344,8 @@ def study_from_files(files: Iterable[tuple[str, bytes]], channels: Mapping[str, 
     """DICOM files of one study, or one patient's numbered slices (`<name>_<n>.tif`, masks passed over)."""
     ignored, dicoms, images = list(ignored), [], []
     for key, data in files:
-        if _ignored(key):
+        # `..` in a name is no hidden file: such names are only labels here, never paths written to.
+        if _ignored("/".join(part for part in key.split("/") if part not in ("", ".", ".."))):
             continue
         if data.startswith(ZIP_MAGIC):
             ignored.append(f"{key}: a zip inside the zip, not opened")
