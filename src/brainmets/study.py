@@ -93,6 +93,7 @@ class Study:
     reference: list[Dataset] = field(default_factory=list, repr=False)  # the FLAIR instances, in slice order
     volume: Volume | None = field(default=None, repr=False)  # NIfTI input: the grid the mask goes back to
     affine: np.ndarray | None = None  # other input: voxel (column, row, slice) -> RAS mm
+    files: list[str] = field(default_factory=list)  # numbered slices: the file each slice came from
 
 
 # --- DICOM -----------------------------------------------------------------------------------------------
@@ -408,7 +409,8 @@ def _numbered_slices(images: list[tuple[str, bytes]], limits: Limits, name: str,
                                 f"{limits.max_voxels:,} voxels")
     stack = _channels_8bit(np.stack(pixels), name)
     return Study(name=name, kind="slices", slices=list(stack), spacing=None, channels=_file_channels(stack[0]),
-                 warnings=warnings, ignored=ignored, affine=np.diag([-1.0, -1.0, 1.0, 1.0]))
+                 warnings=warnings, ignored=ignored, affine=np.diag([-1.0, -1.0, 1.0, 1.0]),
+                 files=[key for _, key, _ in numbered])
 
 
 def _channels_8bit(stack: np.ndarray, label: str) -> np.ndarray:
