@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import math
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -152,22 +154,40 @@ def segment_volume(models: Models, data: bytes, choice: str, tta: bool, max_voxe
 
 def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: Limits,
                   channels: dict[str, str], output: str) -> StudyResponse | tuple[bytes, str, dict[str, str]]:
-    """A zip of DICOM series or numbered slices, or a NIfTI volume: the JSON answer, or for `output` nifti or
-    dicom-seg the file with its media type and headers."""
+    """A zip of DICOM series or numbered slices, or a NIfTI volume: the JSON answer, or for `output` nifti,
+    dicom-seg or zip (all of them at once) the file with its media type and headers."""
     t0 = time.perf_counter()
     study = study_from_upload(data, channels, limits)
     result = study_results.segment_study(models.predictor(choice), study, tta)
-    if output != "json":
-        body, media_type, ext = ((result.nifti_gz(), "application/gzip", "_mask.nii.gz") if output == "nifti"
-                                 else (result.dicom_seg(), "application/dicom", ".seg.dcm"))
-        return body, media_type, {"X-Model": result.model, "X-Lesion-Count": str(len(result.lesions)),
-                                  "X-Lesion-Voxels": str(result.lesion_voxels),
-                                  "X-Inference-Ms": f"{result.seconds * 1000:.1f}",
-                                  "Content-Disposition": f'attachment; filename="study{ext}"'}
     rows, columns = result.mask.shape[1:]
-    return StudyResponse(
+    answer = StudyResponse(
         model=result.model, kind=study.kind, slices=len(study.slices), rows=rows, columns=columns,
         spacing_mm=study.spacing, channels=study.channels, series=study.series, lesions=result.lesions,
         lesion_voxels=result.lesion_voxels, lesion_volume_mm3=result.lesion_volume_mm3,
         slice_lesion_px=result.slice_lesion_px, warnings=study.warnings, ignored=study.ignored,
         inference_ms=result.seconds * 1000, total_ms=(time.perf_counter() - t0) * 1000)
+    if output == "json":
+        return answer
+    if output == "zip":
+        body, media_type, name = _bundle(result, answer), "application/zip", "study.zip"
+    elif output == "nifti":
+        body, media_type, name = result.nifti_gz(), "application/gzip", "study_mask.nii.gz"
+    else:
+        body, media_type, name = result.dicom_seg(), "application/dicom", "study.seg.dcm"
+    return body, media_type, {"X-Model": result.model, "X-Lesion-Count": str(len(result.lesions)),
+                              "X-Lesion-Voxels": str(result.lesion_voxels),
+                              "X-Inference-Ms": f"{result.seconds * 1000:.1f}",
+                              "Content-Disposition": f'attachment; filename="{name}"'}
+
+
+def _bundle(result: study_results.StudyResult, answer: StudyResponse) -> bytes:
+    """study.json (the JSON answer), mask.nii.gz, lesions.csv and, for DICOM input, study.seg.dcm: one
+    engine run for a client that wants everything (the page)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("study.json", answer.model_dump_json())
+        bundle.writestr("mask.nii.gz", result.nifti_gz())
+        bundle.writestr("lesions.csv", result.lesions_csv())
+        if result.study.kind == "dicom":
+            bundle.writestr("study.seg.dcm", result.dicom_seg())
+    return out.getvalue()
