@@ -169,6 +169,6 @@ def _cell(value):
 def segment_study(predictor: Predictor, study: Study, tta: bool = False) -> StudyResult:
     """The whole study in one engine call, then its 3-D lesions."""
     t0 = time.perf_counter()
-    stack = predictor.predict_stack(study.slices, study.spacing, tta)
+    stack = predictor.predict_stack(study.slices, tta=tta)
     lesions = find_lesions_3d(stack.probability, stack.mask, study.spacing)
     return StudyResult(study, predictor.name, stack.probability, stack.mask, lesions, time.perf_counter() - t0)
