@@ -256,8 +256,7 @@ class Predictor:
         mask = stack_axial(masks, volume)
         return VolumePrediction(mask, volume.voxel_mm3, volume.affine, volume.header, time.perf_counter() - t0)
 
-    def predict_stack(self, slices: Sequence[np.ndarray], spacing: tuple[float, float, float] | None = None,
-                      tta: bool = False) -> StackPrediction:
+    def predict_stack(self, slices: Sequence[np.ndarray], tta: bool = False) -> StackPrediction:
         """One study's slices in order, each (H, W) or (H, W, C), all the same size."""
         t0 = time.perf_counter()
         prob = np.stack(self.probabilities(slices, tta))
