@@ -16,9 +16,9 @@ from typing import Any, Callable
 from brainmets import study_results
 from brainmets.api.schemas import LesionOut, ModelInfo, SegmentResponse, StudyResponse
 from brainmets.config import TrainConfig
-from brainmets.inference import ENSEMBLE, Network, Prediction, Predictor
+from brainmets.inference import Network, Prediction, Predictor
 from brainmets.readers import read_slice, read_volume
-from brainmets.registry import SHIPPED, best_name, models_dir, resolve, shipped_metrics
+from brainmets.registry import ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir, resolve, shipped_metrics
 from brainmets.study import Limits, study_from_upload, study_from_volume
 
 
@@ -33,8 +33,8 @@ class Overloaded(Exception):
 class Models:
     """The shipped networks, each loaded on first use (or at start-up) and shared by `ensemble`."""
 
-    def __init__(self, runtime: str = "auto", threads: int = 0):
-        self.runtime, self.threads = runtime, threads
+    def __init__(self, runtime: str = "auto", threads: int = 0, precision: str = "auto"):
+        self.runtime, self.threads, self.precision = runtime, threads, precision
         self._networks: dict[str, Network] = {}
         self._lock = threading.Lock()
 
@@ -55,7 +55,7 @@ class Models:
                 except FileNotFoundError as e:
                     raise ModelNotInstalled(f"model {name!r} is not installed on this server; installed: "
                                             f"{', '.join(self.installed()) or 'none'}") from e
-                self._networks[name] = Network.load(path, self.runtime, self.threads)
+                self._networks[name] = Network.load(path, self.runtime, self.threads, self.precision)
             return self._networks[name]
 
     def predictor(self, choice: str) -> Predictor:
@@ -64,10 +64,11 @@ class Models:
             try:
                 choice = best_name()
             except FileNotFoundError as e:
-                raise ModelNotInstalled(f"no installed model has test metrics to pick `best` by; installed: "
+                raise ModelNotInstalled(f"no installed model has validation metrics to pick `best` by; installed: "
                                         f"{', '.join(self.installed()) or 'none'}") from e
-        names = SHIPPED if choice == ENSEMBLE else (choice,)
-        return Predictor([self.network(n) for n in names], choice)
+        if choice == ENSEMBLE:
+            return Predictor([self.network(n) for n in SHIPPED], choice, ensemble_post())
+        return Predictor([self.network(choice)], choice)
 
     def info(self) -> list[ModelInfo]:
         try:
