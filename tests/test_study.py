@@ -138,6 +138,13 @@ def test_a_gap_in_positions_is_a_warning(slices):
     assert "1 gap(s) in slice positions, e.g. 10.00 mm after slice 2 where the spacing is 5.00 mm" in s.warnings[0]
 
 
+def test_a_lone_slice_takes_its_thickness_as_slice_spacing(slices):
+    (ds,) = _series(slices[:1])
+    assert study_from_datasets([ds]).spacing == (5.0, 0.9375, 0.9375)
+    del ds.SpacingBetweenSlices, ds.SliceThickness
+    assert study_from_datasets([ds]).spacing is None
+
+
 def test_too_many_slices_or_voxels_are_refused(slices):
     with pytest.raises(StudyTooLarge, match="has 6 slices; the limit is 5 per series"):
         study_from_datasets(_series(slices), limits=Limits(max_slices=5))

@@ -136,7 +136,14 @@ class _Series:
 
     @property
     def step(self) -> float | None:
-        return float(np.median(np.diff(self.positions))) if len(self.positions) > 1 else None
+        """mm between slices: from the positions, or for a lone slice its thickness (None if unknown)."""
+        if len(self.positions) > 1:
+            return float(np.median(np.diff(self.positions)))
+        try:
+            thickness = float(self.first.get("SpacingBetweenSlices") or self.first.get("SliceThickness") or 0)
+        except (TypeError, ValueError):
+            return None
+        return thickness if 0 < thickness < 1000 else None
 
 
 def study_from_datasets(datasets: Sequence[Dataset], channels: Mapping[str, str] | None = None,
