@@ -421,7 +421,7 @@ def report(summary: Summary, passed: Counter, out: Path) -> list[str]:
         lines.append(f"passed over: {_counts(passed)}")
     ok = [r for r in summary.rows if r.get("status") == "ok"]
     with_lesions = [r for r in ok if int(r.get("lesions") or 0) > 0]
-    stacks = [r for r in ok if r.get("kind") in ("volume", "study")]
+    stacks = [r for r in ok if r.get("kind") in ("volume", "study") and r.get("lesion_mm3") not in ("", None)]
     mm3 = sum(float(r.get("lesion_mm3") or 0) for r in stacks)
     lines.append(f"lesions found in {len(with_lesions)} of {_n(len(ok), 'file')}"
                  + (f"; {mm3:.1f} mm³ of lesion in {_n(len(stacks), 'volume')} or stud{'y' if len(stacks) == 1 else 'ies'}"
