@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install run test
+.PHONY: install run test test-fast
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# Everything but the end-to-end tests marked slow (real servers, browsers, training runs in subprocesses).
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 # Retrain, evaluate and ship both models as shipped in models/ (about 80 minutes on 2 CPU cores: the two
 # networks train side by side, one core each), tune the ensemble, pick `best` on validation, then regenerate

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -155,29 +156,25 @@ def models_root(tiny_run, tmp_path_factory) -> Path:
     return root
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def api_process(models_root: Path, folder: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The real API, `brainmets serve`, on a free loopback port serving `models_root` with these BRAINMETS_*
+    variables, its output in `folder`/api.log: (base URL, process)."""
+    from brainmets.app.launch import free_port, running, serve_command
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "BRAINMETS_MODELS": str(models_root), **settings}
+    with running(serve_command("127.0.0.1", port), f"{url}/health", "API", folder / "api.log", env,
+                 timeout_s=60) as process:
+        yield url, process
 
 
 @pytest.fixture(scope="session")
 def api_server(models_root, tmp_path_factory):
-    """The real API, `brainmets serve`, on a free loopback port serving `models_root`: its base URL."""
-    from brainmets.app.launch import serve_command, wait_until_up
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "BRAINMETS_MODELS": str(models_root), "BRAINMETS_THREADS": "1"}
-    with (tmp_path_factory.mktemp("api") / "api.log").open("w") as log:
-        process = subprocess.Popen(serve_command("127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until_up(f"{url}/health", process, "API", timeout_s=60)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(10)
+    """The real API serving `models_root`, for the whole session: its base URL."""
+    with api_process(models_root, tmp_path_factory.mktemp("api"), BRAINMETS_THREADS="1") as (url, _):
+        yield url
 
 
 def api_client(models_root: Path, **settings):

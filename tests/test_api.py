@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import re
 import shutil
 import threading
 import time
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from brainmets.api import service
-from brainmets.api.main import create_app
+from brainmets.api.main import DOCS_ASSETS, create_app
 from brainmets.api.service import InferencePool, Overloaded
 from brainmets.api.settings import Settings
 from conftest import api_client
@@ -47,12 +48,18 @@ def test_health_lists_the_installed_models(client):
 
 
 def test_models_show_metrics_but_no_server_paths(client):
-    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
-    assert set(models) == {"unetpp", "attention-unet"}
+    for _ in range(300):  # the models load in the background after start-up; /v1/models says once they have
+        models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        if all(m["runtime"] for m in models.values()):
+            break
+        time.sleep(0.1)
+    assert set(models) == {"unetpp", "attention-unet", "ensemble"}
     best = models["attention-unet"]
-    assert best["best"] and not models["unetpp"]["best"]
-    assert best["metrics"] == {"dice_per_patient_mean": 0.6, "patients": 2}  # the checkpoint path is left out
-    assert (best["image_size"], best["threshold"], best["runtime"]) == (64, 0.5, "onnxruntime")
+    assert best["best"] and not models["unetpp"]["best"] and not models["ensemble"]["best"]
+    assert best["metrics"] == {"dice_per_patient_mean": 0.1, "patients": 2}  # the checkpoint path is left out
+    assert best["validation_dice"] == 0.6 and models["ensemble"]["validation_dice"] is None
+    assert (best["image_size"], best["threshold"], best["min_lesion_px"], best["runtime"]) == (64, 0.5, 0, "openvino")
+    assert (best["lesion_mode"], best["min_lesion_voxels"]) == ("multiple", 0) and best["precision"] in ("bf16", "f32")
     assert models["unetpp"]["runtime"] == "torch"
 
 
@@ -253,6 +260,19 @@ def test_openapi_documents_errors_and_examples(client):
     assert "image/png" in segment["responses"]["200"]["content"]
     assert spec["components"]["schemas"]["SegmentResponse"]["properties"]["inference_ms"]["examples"] == [14.2]
     assert "/v1/segment/volume" in spec["paths"] and "/v1/models" in spec["paths"]
+
+
+@pytest.mark.parametrize("page, assets", [("/docs", ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")),
+                                          ("/redoc", ("redoc.standalone.js", "favicon.png"))])
+def test_api_docs_load_everything_from_this_server(client, page, assets):
+    """Offline networks (hospitals) reach no CDN: every script, style and icon of the docs is served here."""
+    html = client.get(page).text
+    urls = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert sorted(urls) == sorted(f"{DOCS_ASSETS}/{name}" for name in assets)
+    assert "//" not in html.replace("window.location.origin", "")  # no absolute URL anywhere, fonts included
+    for url in urls:
+        r = client.get(url)
+        assert r.status_code == 200 and len(r.content) > 1000, url
 
 
 def test_settings_come_from_the_environment(monkeypatch):

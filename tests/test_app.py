@@ -19,12 +19,12 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 import brainmets.app
-from brainmets.app import images
+from brainmets.app import about, images
 from brainmets.app.client import ApiError, Client
+from brainmets.app.launch import free_port, running
 from brainmets.app.segment import available_modes
 from brainmets.preprocessing import to_uint8_rgb
-from brainmets.readers import read_slice, read_volume
-from conftest import free_port
+from brainmets.readers import ACCEPTED, read_slice, read_volume
 from samples import brain, dicom, encode, nifti
 
 PAGE = Path(brainmets.app.__file__).with_name("page.py")
@@ -199,7 +199,7 @@ def test_both_models_side_by_side_and_the_ensemble(page):
     page.selectbox[0].set_value("ensemble").run()
     page.toggle[0].set_value(True).run()
     assert_clean(page)
-    assert [s.value for s in page.tabs[0].subheader] == ["Ensemble (mean of both)"]
+    assert [s.value for s in page.tabs[0].subheader] == ["Ensemble (mean of U-Net++ and Attention U-Net)"]
 
 
 def test_a_dicom_slice_gets_areas_in_mm2(page, api_server):
@@ -270,11 +270,31 @@ def test_compare_says_when_there_is_no_report_yet(page):
 
 def test_about_states_the_data_the_metrics_and_the_limits(page):
     text = " ".join(m.value for m in page.markdown)
-    for words in ("Buda et al.", "FLAIR abnormality", "Dice per patient (3-D)", "not a medical device"):
+    for words in ("Buda et al.", "FLAIR abnormality", "Dice per patient (3-D)", "not a medical device",
+                  "configuration: U-Net++ threshold 0.5; Attention U-Net threshold 0.5."):  # the served configs
         assert words in text
 
 
+def test_about_reads_each_model_s_post_processing():
+    models = [{"name": "unetpp", "threshold": 0.6, "min_lesion_px": 100, "image_size": 256},
+              {"name": "attention-unet", "threshold": 0.8, "min_lesion_px": 0, "image_size": 256}]
+    assert about.postprocessing(models) == ("U-Net++ threshold 0.6, lesions under 100 px of a 256² slice dropped; "
+                                            "Attention U-Net threshold 0.8")
+    assert about.postprocessing(None) == about.postprocessing([]) == "shown here when the API answers"
+
+
+def test_the_upload_names_every_accepted_format(page):
+    assert page.info[0].value.startswith(f"Upload an MRI slice or volume ({ACCEPTED}).") and "WebP" in ACCEPTED
+
+
 # --- brainmets run ------------------------------------------------------------------------------------------
+
+def test_a_server_that_dies_at_start_is_reported_with_the_end_of_its_output(tmp_path):
+    command = [sys.executable, "-c", "print('port already taken'); raise SystemExit(3)"]
+    with pytest.raises(RuntimeError, match=r"(?s)API exited with code 3 .*the end of .*server.log:\nport already taken"):
+        with running(command, f"http://127.0.0.1:{free_port()}/health", "API", tmp_path / "server.log"):
+            pytest.fail("a server that never answered was taken as started")
+
 
 def test_run_starts_the_api_and_the_page_and_ctrl_c_stops_both(models_root, monkeypatch):
     api_port, page_port = free_port(), free_port()

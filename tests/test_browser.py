@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import numpy as np
 import pytest
 
 from brainmets.app.client import Client
-from brainmets.app.launch import wait_until_up
-from conftest import free_port
+from brainmets.app.launch import free_port, running
 from samples import brain, encode
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -44,15 +42,10 @@ def docs(tmp_path_factory) -> Path:
 def page_url(api_server, docs, tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with (tmp_path_factory.mktemp("page") / "page.log").open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "brainmets", "app", "--port", str(port), "--api", api_server,
-                                    "--docs", str(docs)], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until_up(f"{url}/_stcore/health", process, "page", timeout_s=60)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(10)
+    command = [sys.executable, "-m", "brainmets", "app", "--port", str(port), "--api", api_server, "--docs", str(docs)]
+    with running(command, f"{url}/_stcore/health", "page", tmp_path_factory.mktemp("page") / "page.log",
+                 timeout_s=60):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -166,4 +159,28 @@ def test_a_zipped_study_scrubbed_to_a_lesion_and_its_seg_downloaded(browser, pag
     flair = [d.SOPInstanceUID for d in study.series["AX T2 FLAIR"]]
     mask = seg.get_pixels_by_source_instance(flair, segment_numbers=[1])[..., 0] > 0
     assert mask.sum(axis=(1, 2)).tolist() == result.answer["slice_lesion_px"]
+    page.close()
+
+
+def test_api_docs_render_with_no_network_but_the_api(browser, api_server):
+    """/docs and /redoc as on an offline hospital network: any request to another host is refused, and both
+    render. The only outside request left is ReDoc's attribution logo, an image that is simply missing offline."""
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    elsewhere = []
+
+    def only_the_api(route):
+        if route.request.url.startswith(api_server):
+            route.continue_()
+        else:
+            elsewhere.append((route.request.resource_type, route.request.url))
+            route.abort()
+
+    page.route("**/*", only_the_api)
+    page.goto(f"{api_server}/docs")
+    page.locator(".opblock-summary-path").filter(has_text="/v1/segment/volume").wait_for()
+    assert "Segment one slice" in page.locator("#swagger-ui").inner_text()
+    page.goto(f"{api_server}/redoc")
+    page.get_by_role("heading", name="Segment a NIfTI volume").wait_for()
+    assert all(kind == "image" for kind, _ in elsewhere), elsewhere  # no script, style or font
     page.close()

@@ -13,12 +13,12 @@ import typer.main
 from typer.testing import CliRunner
 
 from brainmets.cache import preprocessed
+from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 from brainmets.cli import app
 from brainmets.data import open_dataset
 from brainmets.evaluation import evaluate
 from brainmets.inference import Predictor
 from brainmets.split import Split
-from brainmets.training import load_checkpoint, model_from_checkpoint
 from conftest import synthetic_slice
 
 REPORT_KEYS = {"patients", "slices", "dice_per_patient_mean", "dice_per_patient_median", "dice_lesion_slices_mean",

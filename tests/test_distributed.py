@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from brainmets.checkpoints import load_checkpoint
 from brainmets.config import TrainConfig
 from brainmets.models import build_model
-from brainmets.training import load_checkpoint
 
 # U-Net++ (instance norm: nothing couples the samples of a batch) with the seed recipe's BCE (a mean,
 # so the average of two half-batch losses is the full-batch loss): exact equivalence is expected.

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from brainmets.training import load_checkpoint, save_atomic
+from brainmets.checkpoints import load_checkpoint, save_atomic
 
 ARGS = ["train", "--model", "attention-unet", "--epochs", "6", "--batch-size", "4", "--crop", "32",
         "--image-size", "64", "--fp32", "--threads", "1", "--no-progress"]

@@ -36,9 +36,9 @@ from brainmets.api import service
 from brainmets.api.main import create_app
 from brainmets.api.service import Models, ModelNotInstalled
 from brainmets.api.settings import Settings
-from brainmets.app.launch import wait_until_up
-from brainmets.training import load_checkpoint
-from conftest import REPO, api_client, free_port
+from brainmets.app.launch import free_port, running
+from brainmets.checkpoints import load_checkpoint
+from conftest import REPO, api_client
 from samples import bomb_png, brain, dicom, encode, nifti, tiff_stack
 
 IMAGE = brain(64, seed=3)[0]
@@ -217,17 +217,12 @@ def server(models_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hostile-server")
     (folder / "tmp").mkdir()
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "BRAINMETS_MODELS": str(models_root), "BRAINMETS_MAX_UPLOAD_MB": "2",
            "BRAINMETS_THREADS": "1", "TMPDIR": str(folder / "tmp")}
-    with (folder.parent / f"{folder.name}.log").open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "brainmets", "serve", "--port", str(port)], cwd=folder,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until_up(f"http://127.0.0.1:{port}/health", process, "API", timeout_s=60)
-            yield Server(f"http://127.0.0.1:{port}", process, folder)
-        finally:
-            process.terminate()
-            process.wait(10)
+    with running([sys.executable, "-m", "brainmets", "serve", "--port", str(port)], f"{url}/health", "API",
+                 folder.parent / f"{folder.name}.log", env, cwd=folder, timeout_s=60) as process:
+        yield Server(url, process, folder)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import pytest
 from typer.testing import CliRunner
 
 from brainmets.cache import preprocessed
+from brainmets.checkpoints import load_checkpoint
 from brainmets.cli import app
 from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.data import open_dataset
 from brainmets.report import METRICS
 from brainmets.shipping import ship
-from brainmets.training import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -13,34 +13,16 @@ import httpx
 import numpy as np
 import pytest
 
-from brainmets.app.launch import serve_command
-from conftest import free_port
+from conftest import api_process
 from samples import brain, dicom, encode
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(models_root):
-    port = free_port()
-    env = {**os.environ, "BRAINMETS_MODELS": str(models_root), "BRAINMETS_MAX_UPLOAD_MB": "2"}
-    process = subprocess.Popen(serve_command("127.0.0.1", port), env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server did not start:\n{process.stdout.read().decode()[-3000:]}")
-        time.sleep(0.2)
-    yield url, process
-    process.terminate()
-    process.wait(10)
+def server(models_root, tmp_path_factory):
+    with api_process(models_root, tmp_path_factory.mktemp("server"), BRAINMETS_MAX_UPLOAD_MB="2") as started:
+        yield started
 
 
 def test_segments_a_slice_over_http(server):

@@ -12,10 +12,11 @@ import torch
 
 from brainmets import training
 from brainmets.cache import preprocessed
+from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 from brainmets.config import PreprocessConfig, TrainConfig, make_config
 from brainmets.data import open_dataset
 from brainmets.split import Split, make_split
-from brainmets.training import epoch_rows, learning_rate, load_checkpoint, make_loss, model_from_checkpoint, train
+from brainmets.training import epoch_rows, learning_rate, make_loss, train
 from conftest import tiny_config
 
 LOG_KEYS = {"epoch", "train_loss", "val_dice", "seconds", "images_per_s"}

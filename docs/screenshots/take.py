@@ -1,6 +1,6 @@
 """Regenerate the page's screenshots (segment.png, compare.png, about.png) beside this file.
 
-    .venv/bin/python docs/screenshots/take.py [--slice FILE] [--data /work/shared/data/lgg]
+    .venv/bin/python docs/screenshots/take.py [--slice FILE] [--data ../shared/data/lgg]
 
 Starts the API (`brainmets serve`, models from $BRAINMETS_MODELS or models/) and the page on free loopback
 ports, uploads a slice of the reference data (by default the one with the largest lesion among the test
@@ -10,28 +10,25 @@ patients of the best shipped model), and photographs each view with Debian's Chr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import socket
-import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 from playwright.sync_api import sync_playwright
 
-from brainmets.app.launch import page_command, page_env, serve_command, stop, wait_until_up
+from brainmets.app.launch import free_port, page_command, page_env, running, serve_command
+from brainmets.app.segment import SIDE_BY_SIDE
 from brainmets.registry import SHIPPED, models_dir
 
 HERE = Path(__file__).resolve().parent
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+UPLOAD = '[data-testid="stFileUploaderDropzoneInput"]'
+DATA = Path(os.environ.get("BRAINMETS_DATA", HERE.parents[2] / "shared" / "data" / "lgg"))
 
 
 def largest_lesion_slice(data: Path) -> Path:
@@ -61,43 +58,80 @@ def shoot(page, path: Path) -> None:
     page.screenshot(path=path)
 
 
+@contextlib.contextmanager
+def api_and_page() -> Iterator[str]:
+    """`brainmets serve` and the page on free loopback ports, stopped on exit: the page's URL."""
+    api_port, page_port = free_port(), free_port()
+    api, page_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{page_port}"
+    with (running(serve_command("127.0.0.1", api_port), f"{api}/health", "API"),
+          running(page_command("127.0.0.1", page_port), f"{page_url}/_stcore/health", "page", env=page_env(api)),
+          tempfile.TemporaryDirectory() as tmp, sync_playwright() as p):
+        upload = as_tiff(args.slice or largest_lesion_slice(args.data), Path(tmp))
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": args.width, "height": 1300})
+        page.set_default_timeout(60_000)
+        page.goto(page_url)
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').wait_for(state="attached")
+        page.locator(IDLE).wait_for()
+        if page.get_by_test_id("stSelectbox").count():
+            page.get_by_test_id("stSelectbox").click()
+            options = page.get_by_role("option")
+            labels = options.all_inner_texts()
+            options.nth(labels.index(SIDE_BY_SIDE) if SIDE_BY_SIDE in labels else 0).click()
+            page.locator(IDLE).wait_for()
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(upload))
+        page.get_by_test_id("stDataFrame").first.wait_for()
+        shoot(page, HERE / "segment.png")
+        for view in ("Compare", "About"):
+            page.get_by_role("tab", name=view).click()
+            shoot(page, HERE / f"{view.lower()}.png")
+        browser.close()
+    print(f"uploaded {upload.name}; screenshots in {HERE}")
+
+
+@contextlib.contextmanager
+def chromium_page(url: str, width: int, height: int) -> Iterator:
+    """Debian's Chromium on the page, loaded and idle."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.locator(UPLOAD).wait_for(state="attached")
+            page.locator(IDLE).wait_for()
+            yield page
+        finally:
+            browser.close()
+
+
+def choose_model(page, label: str) -> None:
+    """Pick `label` in the Model box (the first choice when the backend does not offer it)."""
+    page.get_by_test_id("stSelectbox").click()
+    options = page.get_by_role("option")
+    labels = options.all_inner_texts()
+    options.nth(labels.index(label) if label in labels else 0).click()
+    page.locator(IDLE).wait_for()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slice", type=Path, help="Slice to upload (default: picked from --data).")
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/lgg"))
+    parser.add_argument("--data", type=Path, default=DATA,
+                        help="Reference data (default: $BRAINMETS_DATA, else ../shared/data/lgg).")
     parser.add_argument("--width", type=int, default=1500)
     args = parser.parse_args()
-    api_port, page_port = free_port(), free_port()
-    api, page_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{page_port}"
-    processes = [subprocess.Popen(serve_command("127.0.0.1", api_port)),
-                 subprocess.Popen(page_command("127.0.0.1", page_port), env=page_env(api))]
-    try:
-        wait_until_up(f"{api}/health", processes[0], "API")
-        wait_until_up(f"{page_url}/_stcore/health", processes[1], "page")
-        with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
-            upload = as_tiff(args.slice or largest_lesion_slice(args.data), Path(tmp))
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": args.width, "height": 1300})
-            page.set_default_timeout(60_000)
-            page.goto(page_url)
-            page.locator('[data-testid="stFileUploaderDropzoneInput"]').wait_for(state="attached")
-            page.locator(IDLE).wait_for()
-            if page.get_by_test_id("stSelectbox").count():
-                page.get_by_test_id("stSelectbox").click()
-                options = page.get_by_role("option")
-                labels = options.all_inner_texts()
-                options.nth(labels.index("both side by side") if "both side by side" in labels else 0).click()
-                page.locator(IDLE).wait_for()
-            page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(upload))
-            page.get_by_test_id("stDataFrame").first.wait_for()
-            shoot(page, HERE / "segment.png")
-            for view in ("Compare", "About"):
-                page.get_by_role("tab", name=view).click()
-                shoot(page, HERE / f"{view.lower()}.png")
-            browser.close()
-        print(f"uploaded {upload.name}; screenshots in {HERE}")
-    finally:
-        stop(processes)
+    with tempfile.TemporaryDirectory() as tmp, api_and_page() as url, chromium_page(url, args.width, 1300) as page:
+        upload = as_tiff(args.slice or largest_lesion_slice(args.data), Path(tmp))
+        if page.get_by_test_id("stSelectbox").count():
+            choose_model(page, "both side by side")
+        page.locator(UPLOAD).set_input_files(str(upload))
+        page.get_by_test_id("stDataFrame").first.wait_for()
+        shoot(page, HERE / "segment.png")
+        for view in ("Compare", "About"):
+            page.get_by_role("tab", name=view).click()
+            shoot(page, HERE / f"{view.lower()}.png")
+    print(f"uploaded {upload.name}; screenshots in {HERE}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from scipy import ndimage
 
-from brainmets.data import IMAGE_EXTS, MASK_SUFFIX, SLICE_NUMBER, Source, _ignored
+from brainmets.checkpoints import replacing, write_atomic
+from brainmets.data import IMAGE_EXTS, MASK_SUFFIX, SLICE_NUMBER, Source, ignored
 from brainmets.inference import Predictor, encode_png
 from brainmets.readers import ACCEPTED, UnsupportedFormat, axial_slices, read_slice, read_volume, sniff
 from brainmets.study import study_from_files
@@ -128,7 +129,7 @@ def find_jobs(inputs: Iterable[Path], out: Path) -> tuple[list[Job], Counter]:
     for source_path, anchor, named in anchors:
         source = Source(source_path)
         prefix = anchor.relative_to(base)
-        keys = [named] if named else sorted(k for k in source.keys() if not _ignored(k))
+        keys = [named] if named else sorted(k for k in source.keys() if not ignored(k))
         # An earlier run's masks, when --out lies inside a walked folder, are not inputs.
         outputs = f"{out.relative_to(source_path).as_posix()}/" if out.is_relative_to(source_path) else None
         for key in keys:
@@ -337,7 +338,7 @@ def segment(predictor: Predictor, job: Job, out: Path, tta: bool = False) -> dic
                        lesion_mm2="" if mm2 is None else round(mm2, 3))
             payload = result.mask_png()
         row["inference_ms"] = round(result.seconds * 1000, 1)
-        _write_atomic(out / job.mask, payload)
+        write_atomic(out / job.mask, payload)  # a reader, or a restart, sees the whole mask or none of it
     except Exception as e:  # one bad file must not stop a batch of thousands: its row says what went wrong
         expected = isinstance(e, (ValueError, OSError))
         row.update(slices="", lesions="", lesion_px="", lesion_mm2="", lesion_mm3="", inference_ms="",
@@ -351,12 +352,12 @@ def _segment_study(predictor: Predictor, job: Job, out: Path, tta: bool):
     source = _source(job.source)
     study = study_from_files(((key, source.read(key)) for key, _ in job.members), name=job.file)
     result = segment_study(predictor, study, tta)
-    _write_atomic(out / f"{job.file}_lesions.csv", result.lesions_csv().encode())
+    write_atomic(out / f"{job.file}_lesions.csv", result.lesions_csv())
     if study.kind == "dicom":
-        _write_atomic(out / f"{job.file}.seg.dcm", result.dicom_seg())
+        write_atomic(out / f"{job.file}.seg.dcm", result.dicom_seg())
     file_of = dict(job.members)
     for key, mask in zip(study.files, result.mask):
-        _write_atomic(out / mask_path(file_of[key], "slice"), encode_png(mask.astype(np.uint8) * 255))
+        write_atomic(out / mask_path(file_of[key], "slice"), encode_png(mask.astype(np.uint8) * 255))
     return result
 
 
@@ -370,17 +371,6 @@ def _row(job: Job, **values) -> dict:
     return {"file": job.file, "mask": job.mask, "kind": job.kind, **values}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """A reader, or a restart, sees the whole mask or none of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _read_rows(path: Path) -> dict[str, dict]:
     """An earlier run's rows by file, the last one winning (a restart appends a file's new row)."""
     if not path.exists():
@@ -390,12 +380,10 @@ def _read_rows(path: Path) -> dict[str, dict]:
 
 
 def _write_rows(path: Path, rows: list[dict | None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as f:
+    with replacing(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(r for r in rows if r is not None)
-    os.replace(tmp, path)
 
 
 def _counts(counter: Counter) -> str:

@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from brainmets.config import PreprocessConfig, make_config
+from brainmets.config import MODEL_NAMES, PreprocessConfig, make_config
+from brainmets.registry import CHOICES, SHIPPED
 
 app = typer.Typer(help="Brain lesion segmentation in MRI slices: split, train, evaluate, predict, serve.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -23,9 +24,8 @@ console = Console(stderr=True)
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="The Data.zip or a folder of <name>.tif + <name>_mask.tif pairs (also png/webp/jpg), at any depth.")]
 
 
-class ModelName(str, Enum):
-    unetpp = "unetpp"
-    attention_unet = "attention-unet"
+ModelName = Enum("ModelName", [(name, name) for name in MODEL_NAMES], type=str)
+MODEL_HELP = f"{', '.join(CHOICES)}, a .pt checkpoint or a run folder."
 
 
 class Recipe(str, Enum):
@@ -133,7 +133,7 @@ def train(
 @friendly_errors
 def evaluate(
     data: DataOpt,
-    model: Annotated[str, typer.Option("--model", "-m", help="unetpp, attention-unet, best, a .pt checkpoint or a run folder.")],
+    model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)],
     side: Annotated[Side, typer.Option("--split", help="test / val: the patients of the model's own split.json; all: every patient in --data (a held-out set).")] = Side.test,
     out: Annotated[Optional[Path], typer.Option(help="Write the report (JSON) here.")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Probability threshold (default: the model's).")] = None,
@@ -147,7 +147,7 @@ def evaluate(
 
     from brainmets.evaluation import evaluate as run_evaluation
     from brainmets.inference import Predictor
-    from brainmets.training import load_checkpoint
+    from brainmets.checkpoints import load_checkpoint
 
     predictor = Predictor.load(model, runtime, precision=precision)
     if threshold is not None:
@@ -188,7 +188,7 @@ def _print_report(r: dict) -> None:
 @friendly_errors
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Folders (walked at any depth), Data.zip archives or files: slices (PNG, JPEG, TIFF, WebP, DICOM) and NIfTI volumes (.nii, .nii.gz), told apart by their content. In folders, <name>_mask.<ext> ground truth is passed over.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="unetpp, attention-unet, best, ensemble, a .pt checkpoint or a run folder.")] = "best",
+    model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)] = "best",
     out: Annotated[Path, typer.Option(help="Folder for the masks, mirroring the inputs' tree: <name>.png (0/255, the input's size) per slice, <name>_mask.nii.gz (the input's grid) per volume; per study (the DICOM files of one study, in one folder or one per series; one patient's numbered slices <patient>_<n>.tif in a folder) <folder>_mask.nii.gz, <folder>_lesions.csv (3-D lesions) and <folder>.seg.dcm (DICOM input); and summary.csv.")] = Path("predictions"),
     workers: Annotated[int, typer.Option(min=1, help="Processes, each with its own model and cores/N threads; 1 runs in this process with every core.")] = 1,
     tta: Annotated[bool, typer.Option(help="Average over horizontal and vertical flips (3x the time).")] = False,
@@ -216,7 +216,7 @@ def select(
     test, and say which of the three `best` now stands for: the highest validation per-patient Dice."""
     from brainmets.registry import SHIPPED, models_dir
     from brainmets.shipping import ship_ensemble
-    from brainmets.training import load_checkpoint, model_from_checkpoint
+    from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 
     _, cfg = model_from_checkpoint(load_checkpoint(models_dir() / SHIPPED[0] / "model.pt"))
     _, arrays = load_arrays(data, cfg.preprocess)
@@ -243,7 +243,7 @@ def serve(
 @app.command()
 @friendly_errors
 def export(
-    checkpoint: Annotated[str, typer.Argument(help="unetpp, attention-unet, best, a .pt checkpoint or a run folder.")],
+    checkpoint: Annotated[str, typer.Argument(help=f"{', '.join(SHIPPED)}, a .pt checkpoint or a run folder.")],
     out: Annotated[Optional[Path], typer.Option(help="ONNX file to write; default: beside the checkpoint, with suffix .onnx, where the engine looks for it.")] = None,
 ) -> None:
     """Export a checkpoint to ONNX (config.json beside it), checked against PyTorch within 1e-4."""
@@ -269,7 +269,7 @@ def ship(
     tuned on the run's validation patients through the serving engine; test is scored once, with it."""
     from brainmets.registry import resolve
     from brainmets.shipping import ship as ship_run
-    from brainmets.training import load_checkpoint, model_from_checkpoint
+    from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 
     _, cfg = model_from_checkpoint(load_checkpoint(resolve(run)))
     _, arrays = load_arrays(data, cfg.preprocess)

@@ -12,7 +12,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODEL_NAMES = ("unetpp", "attention-unet")
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A network brainmets trains and ships. Its name is what the command line, the API, the page and
+    `models/<name>/` use; every list of models derives from NETWORKS, so adding a network is one entry here
+    and its builder in `brainmets.models.BUILDERS`."""
+
+    name: str
+    title: str  # on the page and in model cards
+    monai_class: str  # the MONAI network it wraps, for model cards
+    widths: tuple[int, ...]  # default widths per level
+    fast: dict[str, Any] = field(default_factory=dict)  # the fast recipe's settings for this network
+
+
+# The order is the ensemble's and the lists'. channels_last speeds AttentionUnet's steps up ~8% but slows
+# U-Net++'s (instance norm) ~13% (benchmarks/training_speed.py).
+NETWORKS = {n.name: n for n in (
+    NetworkSpec("unetpp", "U-Net++", "BasicUNetPlusPlus", (16, 16, 32, 64, 128, 16), {"channels_last": False}),
+    NetworkSpec("attention-unet", "Attention U-Net", "AttentionUnet", (16, 32, 64, 128, 256)),
+)}
+MODEL_NAMES = tuple(NETWORKS)
 LESION_MODES = ("single", "multiple")
 
 
@@ -62,12 +82,6 @@ class ModelConfig:
             raise ValueError(f"unknown model {self.name!r}; expected one of {', '.join(MODEL_NAMES)}")
         if self.deep_supervision and self.name != "unetpp":
             raise ValueError(f"deep supervision needs nested decoder outputs: unetpp only, not {self.name}")
-
-
-DEFAULT_WIDTHS = {
-    "attention-unet": (16, 32, 64, 128, 256),
-    "unetpp": (16, 16, 32, 64, 128, 16),
-}
 
 
 @dataclass(frozen=True)
@@ -159,9 +173,6 @@ SEED_RECIPE: dict[str, Any] = dict(
 # the empty slices, Dice+BCE, cosine schedule, bf16.
 FAST_RECIPE: dict[str, Any] = {}
 RECIPES = {"seed": SEED_RECIPE, "fast": FAST_RECIPE}
-# channels_last speeds AttentionUnet's steps up ~8% but slows U-Net++'s (instance norm) ~13%
-# (benchmarks/training_speed.py).
-FAST_MODEL_SETTINGS: dict[str, dict[str, Any]] = {"unetpp": {"channels_last": False}, "attention-unet": {}}
 
 
 def make_config(model: str, recipe: str = "fast", widths: tuple[int, ...] | None = None,
@@ -171,8 +182,8 @@ def make_config(model: str, recipe: str = "fast", widths: tuple[int, ...] | None
         raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODEL_NAMES)}")
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
-    model_cfg = ModelConfig(name=model, widths=tuple(widths or DEFAULT_WIDTHS[model]),
+    model_cfg = ModelConfig(name=model, widths=tuple(widths or NETWORKS[model].widths),
                             deep_supervision=deep_supervision)
-    per_model = FAST_MODEL_SETTINGS[model] if recipe == "fast" else {}
+    per_model = NETWORKS[model].fast if recipe == "fast" else {}
     settings = {**RECIPES[recipe], **per_model, **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig(model=model_cfg, recipe=recipe, **settings)

@@ -75,7 +75,8 @@ class Source:
         return hashlib.sha1((self.path / key).read_bytes()).hexdigest()
 
 
-def _ignored(key: str) -> bool:
+def ignored(key: str) -> bool:
+    """Junk a folder or a zip carries besides the data: macOS resource forks (__MACOSX) and hidden files."""
     parts = PurePosixPath(key).parts
     return any(p == "__MACOSX" or p.startswith(".") for p in parts)
 
@@ -136,7 +137,7 @@ def open_dataset(path: str | Path) -> Dataset:
     images, masks = {}, {}
     for key in source.keys():
         p = PurePosixPath(key)
-        if _ignored(key) or p.suffix.lower() not in IMAGE_EXTS:
+        if ignored(key) or p.suffix.lower() not in IMAGE_EXTS:
             continue
         if p.stem.endswith(MASK_SUFFIX):
             found, stem = masks, str(p.with_name(p.stem[: -len(MASK_SUFFIX)]))

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 from brainmets.inference import ONNX_SHA_KEY, file_sha256, onnx_session
-from brainmets.training import load_checkpoint, model_from_checkpoint
 
 # max |ONNX - PyTorch| on the probabilities, what the engine serves. Not on the logits: a trained
 # network's logits reach tens, where float32 reordering alone moves them by ~4e-4.

@@ -29,12 +29,12 @@ import onnx
 import torch
 from scipy.special import expit
 
+from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.postprocessing import mask_slice, mask_stack
 from brainmets.preprocessing import preprocess
 from brainmets.readers import Volume, axial_slices, stack_axial
 from brainmets.registry import ENSEMBLE, SHIPPED, best_name, ensemble_post, resolve
-from brainmets.training import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -44,12 +44,13 @@ def build_attention_unet(cfg: ModelConfig) -> nn.Module:
                          channels=cfg.widths, strides=(2,) * (len(cfg.widths) - 1))
 
 
+BUILDERS = {"unetpp": UNetPlusPlus, "attention-unet": build_attention_unet}  # one per `config.NETWORKS` entry
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
-    if cfg.name == "unetpp":
-        return UNetPlusPlus(cfg)
-    if cfg.name == "attention-unet":
-        return build_attention_unet(cfg)
-    raise ValueError(f"unknown model {cfg.name!r}")
+    if cfg.name not in BUILDERS:
+        raise ValueError(f"unknown model {cfg.name!r}; expected one of {', '.join(BUILDERS)}")
+    return BUILDERS[cfg.name](cfg)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -63,5 +64,5 @@ def check_input(x: torch.Tensor) -> None:
 
 
 def autocast(bf16: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    """bf16 autocast where asked (avx512_bf16 CPUs and GPUs run it ~2x faster), else nothing."""
+    """bf16 autocast for training and its validation; fp32 (no autocast) otherwise."""
     return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

@@ -13,11 +13,20 @@ import json
 import os
 from pathlib import Path
 
-from brainmets.config import MODEL_NAMES, PostprocessConfig
+from brainmets.config import MODEL_NAMES, NETWORKS, PostprocessConfig
 
 SHIPPED = MODEL_NAMES
+BEST = "best"
 ENSEMBLE = "ensemble"
 CANDIDATES = (*SHIPPED, ENSEMBLE)  # what `best` may stand for
+CHOICES = (BEST, *CANDIDATES)  # every model name a request, the command line or the page may give
+
+
+def title(name: str) -> str:
+    """How the page names a model."""
+    if name == ENSEMBLE:
+        return f"Ensemble (mean of {' and '.join(NETWORKS[n].title for n in SHIPPED)})"
+    return NETWORKS[name].title if name in NETWORKS else name
 
 
 def models_dir() -> Path:
@@ -53,6 +62,10 @@ def best_name() -> str:
 def resolve(name_or_path: str | Path) -> Path:
     """A shipped network's name, a checkpoint file, or a training run folder -> the checkpoint."""
     name = str(name_or_path)
+    if name == BEST:
+        name = best_name()
+    if name == ENSEMBLE:
+        raise FileNotFoundError("the ensemble averages two checkpoints; name one network (or a checkpoint) here")
     if name in SHIPPED:
         path = models_dir() / name / "model.pt"
         if not path.exists():

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from brainmets.cache import Arrays
-from brainmets.config import PostprocessConfig
+from brainmets.checkpoints import load_checkpoint, model_from_checkpoint, save_atomic
+from brainmets.config import NETWORKS, PostprocessConfig
 from brainmets.evaluation import engine_probabilities, evaluate, report, tune_postprocessing
 from brainmets.inference import Network, Predictor
 from brainmets.models import count_parameters
 from brainmets.registry import ENSEMBLE, SHIPPED, best_name
 from brainmets.report import Run
-from brainmets.training import load_checkpoint, model_from_checkpoint, save_atomic
 
 
 def summary(r: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def write_model_card(folder: Path, run: Run, params: int, best_epoch: int, hardw
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     text = f"""# Model card: {cfg.name}
 
-- **Network**: MONAI {'BasicUNetPlusPlus' if cfg.name == 'unetpp' else 'AttentionUnet'}, widths {list(cfg.model.widths)}, \
+- **Network**: MONAI {NETWORKS[cfg.name].monai_class}, widths {list(cfg.model.widths)}, \
 {params / 1e6:.2f} M parameters; input 3 × {cfg.preprocess.image_size}² (pre-contrast, FLAIR, post-contrast), \
 output one lesion logit per pixel. **Post-processing** (chosen on the validation patients, per-patient Dice \
 {m['validation']['dice_per_patient_mean']:.3f} there): threshold {cfg.threshold} on the sigmoid; a patient's \
@@ -146,5 +146,10 @@ Full report: `metrics.json`.
 - **Known limits**: trained on {len(split['train'])} patients of one public collection (TCGA lower-grade \
 glioma, 5 institutions, FLAIR-abnormality masks by one reader); not validated on metastases, other scanners \
 or protocols; the network sees one slice at a time (only the post-processing works in 3-D); research use only, not a medical device.
+- **Training data and its terms**: TCGA-LGG MRI from The Cancer Imaging Archive (TCIA) with the FLAIR-abnormality \
+masks of Buda et al.; the brainmets code is MIT-licensed, but these weights were trained on that data and are to be \
+used under the TCIA Data Usage Policy. Cite M. Buda, A. Saha, M. A. Mazurowski, "Association of genomic subtypes of \
+lower-grade gliomas with shape features automatically extracted by a deep learning algorithm", Computers in Biology \
+and Medicine 109 (2019), 218–225, doi:10.1016/j.compbiomed.2019.05.002.
 """
     (folder / "MODEL_CARD.md").write_text(text)

@@ -28,7 +28,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from brainmets.data import MASK_SUFFIX, SLICE_NUMBER, Source, _ignored
+from brainmets.data import MASK_SUFFIX, SLICE_NUMBER, Source
+from brainmets.data import ignored as ignored_name  # `ignored` here is the list of what was passed over
 from brainmets.readers import (MAX_PIXELS, MAX_VOXELS, RASTER, ImageReadError, UnsupportedFormat, Volume,
                                axial_slices, decode_image, dicom_slice, read_volume, sniff)
 
@@ -378,7 +379,7 @@ def study_from_files(files: Iterable[tuple[str, bytes]], channels: Mapping[str, 
     ignored, dicoms, images = list(ignored), [], []
     for key, data in files:
         # `..` in a name is no hidden file: such names are only labels here, never paths written to.
-        if _ignored("/".join(part for part in key.split("/") if part not in ("", ".", ".."))):
+        if ignored_name("/".join(part for part in key.split("/") if part not in ("", ".", ".."))):
             continue
         if data.startswith(ZIP_MAGIC):
             ignored.append(f"{key}: a zip inside the zip, not opened")
@@ -514,7 +515,7 @@ def open_study(path: str | Path, channels: Mapping[str, str] | None = None, limi
     path = Path(path)
     if path.is_dir():
         source = Source(path)
-        keys = [k for k in source.keys() if not _ignored(k)]
+        keys = [k for k in source.keys() if not ignored_name(k)]
         if len(keys) > limits.max_entries:
             raise StudyTooLarge(f"{path} holds {len(keys):,} files; the limit is {limits.max_entries:,}")
         return study_from_files(((k, source.read(k)) for k in sorted(keys)), channels, limits, path.name)

@@ -5,7 +5,7 @@ checkpoint (last, and best on validation) -> log -> stop (epochs done or time bu
 
 Every epoch reseeds torch, numpy and the augmentation from (seed, epoch), so `--resume` after a crash
 replays exactly what an uninterrupted run would have done. Checkpoints are plain dicts of tensors and
-primitives, written to a temporary file and renamed, loadable with `torch.load(weights_only=True)`.
+primitives, written whole or not at all (`brainmets.checkpoints`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from brainmets.augmentation import train_transform
 from brainmets.cache import Arrays
+from brainmets.checkpoints import check_writable, load_checkpoint, save_atomic, sweep_temporaries, write_atomic
 from brainmets.config import TrainConfig
 from brainmets.evaluation import validate
 from brainmets.models import autocast, build_model
@@ -111,85 +111,20 @@ def learning_rate(cfg: TrainConfig, progress: float) -> float:
     raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}; expected constant or cosine")
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash or a full disk leaves the previous file whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch reports a failed write (ENOSPC) as a RuntimeError
-        raise OSError(f"cannot write checkpoint {path} ({e}); is the disk full? The previous "
-                      f"{path.name} is untouched") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's dict; never unpickles code (weights_only), so a hostile file cannot run anything."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable brainmets checkpoint ({str(e).splitlines()[0]})") from e
-
-
-def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, TrainConfig]:
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"0")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"cannot write to output folder {out}: {e.strerror or e}") from e
-
-
 def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
     """Train to `out/` (last.pt, best.pt, config.json, split.json, log.jsonl); return the best checkpoint's
     summary."""
     out = Path(out)
     rank, local_rank, world = distributed()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch size {cfg.batch_size} is the global batch and must divide among {world} processes")
     lead = rank == 0  # only the first process validates and writes
-    if lead:
-        check_writable(out)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = _prepare(cfg, out, world, local_rank, lead)
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(cfg.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, best, history = 0, -1.0, []
     if resume:
-        last = out / "last.pt"
-        if not last.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last}")
-        for stale in out.glob(".*.tmp-*"):  # left by a writer killed mid-write; never read
-            stale.unlink(missing_ok=True)
-        ckpt = load_checkpoint(last)
-        saved = TrainConfig.from_dict(ckpt["config"])
-        if saved.model != cfg.model:
-            raise ValueError(f"--resume: {last} holds a {saved.model}, not the requested {cfg.model}")
-        # The run continues with the settings it started with; only the time budget is the new one.
-        cfg = dataclasses.replace(saved, time_budget_min=cfg.time_budget_min)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best, history = ckpt["epoch"], ckpt["best_val_dice"], ckpt["history"]
-        if lead:
-            console.print(f"resuming {out} at epoch {start_epoch + 1} (best validation Dice {best:.4f})")
+        cfg, start_epoch, best, history = _resume(out, cfg, model, optimizer, lead)
     side = arrays.images.shape[1]
     if side != cfg.preprocess.image_size:  # the saved config would then describe another model than trained
         raise ValueError(f"the data was preprocessed to {side}-px slices but the run trains on "
@@ -197,92 +132,172 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
     if lead:
         cfg.save(out / "config.json")
         split.save(out / "split.json")
-    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    if world > 1:
-        # MONAI's U-Net++ builds its deep-supervision heads even when it does not use them.
-        unused = cfg.model.name == "unetpp" and not cfg.model.deep_supervision
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                        find_unused_parameters=unused)
-    loss_fn = make_loss(cfg)
-    transform = train_transform(cfg)
+    model = _placed(model, cfg, device, local_rank, world)
+    loss_fn, transform = make_loss(cfg), train_transform(cfg)
     started, elapsed_before = time.monotonic(), sum(h["seconds"] for h in history)
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, disable=not (progress and lead)) as bar:
+    with _progress_bar(progress and lead) as bar:
         epochs_task = bar.add_task(f"{cfg.name} epochs", total=cfg.epochs, completed=start_epoch, info="")
         for epoch in range(start_epoch, cfg.epochs):
-            # Stop before an epoch that would not fit the time budget, so every checkpoint is a whole epoch.
+            # stop before an epoch that would not fit the time budget, so every checkpoint is a whole epoch
             spent = _max_across(elapsed_before + time.monotonic() - started, world)
-            per_epoch = spent / max(1, epoch) if epoch else 0.0
-            budget = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else None
-            if budget is not None and spent + per_epoch > budget:
+            if _over_budget(cfg, epoch, spent):
                 if lead:
                     console.print(f"time budget of {cfg.time_budget_min} min reached after {epoch} epochs")
                 break
             t0 = time.monotonic()
-            # seed the epoch
-            torch.manual_seed(cfg.seed * 1000 + epoch)
-            rng = np.random.default_rng([cfg.seed, epoch])
-            rows = epoch_rows(arrays, split.train, cfg.empty_fraction, rng)
-            # Every process draws the same rows; the sampler deals them out, so that the k-th batches of
-            # all processes together are the k-th batch of a single process with the global batch size.
-            slices = Slices(arrays, rows, transform, seed=(cfg.seed, epoch))
-            sampler = DistributedSampler(slices, world, rank, shuffle=False, drop_last=True) if world > 1 else None
-            loader = DataLoader(slices, batch_size=cfg.batch_size // world, shuffle=False, sampler=sampler,
-                                drop_last=len(rows) > cfg.batch_size, num_workers=cfg.num_workers)
-            # With a time budget the schedule ends with whichever runs out first, epochs or time, so a
-            # run cut short by the clock still anneals.
-            lr = learning_rate(cfg, max(epoch / cfg.epochs, spent / budget if budget else 0.0))
+            # seed the epoch, then set its learning rate
+            loader, images = _epoch_loader(cfg, arrays, split, transform, epoch, rank, world)
+            lr = learning_rate(cfg, _run_progress(cfg, epoch, spent))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # train
-            model.train()
-            losses = []
-            batch_task = bar.add_task(f"epoch {epoch + 1}", total=len(loader), info="")
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(cfg.bf16, device.type):
-                    output = model(x)
-                loss = loss_fn(output, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(_mean_across(loss.detach(), world))
-                bar.update(batch_task, advance=1, info=f"loss {np.mean(losses[-20:]):.4f}")
-            bar.remove_task(batch_task)
+            losses = _train_epoch(model, loader, optimizer, loss_fn, cfg, device, world, bar, epoch)
             train_seconds = time.monotonic() - t0
             # validate (first process; the others wait for its verdict)
-            val = validate(_plain(model), arrays, split.val, cfg.post, bf16=cfg.bf16) if lead else None
-            if world > 1:
-                shared = [val]
-                dist.broadcast_object_list(shared, src=0)
-                val = shared[0]
-            val_dice = val["dice_per_patient_mean"]
-            record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)), "val_dice": val_dice,
-                      "val_dice_pooled": val["dice_pooled"], "images": len(rows), "processes": world,
-                      "seconds": time.monotonic() - t0, "images_per_s": len(rows) / train_seconds}
+            val = _validate(model, cfg, arrays, split, lead, world)
+            record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)),
+                      "val_dice": val["dice_per_patient_mean"], "val_dice_pooled": val["dice_pooled"],
+                      "images": images, "processes": world, "seconds": time.monotonic() - t0,
+                      "images_per_s": images / train_seconds}
             history.append(record)
-            # checkpoint
-            state = {"model": _plain(model).state_dict(), "config": cfg.to_dict(), "epoch": epoch + 1,
-                     "best_val_dice": max(best, val_dice), "history": history, "split": dataclasses.asdict(split)}
-            improved = val_dice > best
-            best = max(best, val_dice)
+            improved, best = record["val_dice"] > best, max(best, record["val_dice"])
             if not lead:
                 continue
-            if improved:
-                save_atomic(state, out / "best.pt")
-            save_atomic({**state, "optimizer": optimizer.state_dict()}, out / "last.pt")
-            # log: rewritten whole from the checkpoint's history, so the two always agree
-            write_atomic(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-            bar.update(epochs_task, advance=1,
-                       info=f"loss {record['train_loss']:.4f} val Dice {val_dice:.4f} (best {best:.4f})")
+            # checkpoint and log
+            _checkpoint(out, model, optimizer, cfg, split, history, best, improved)
+            bar.update(epochs_task, advance=1, info=f"loss {record['train_loss']:.4f} val Dice "
+                                                    f"{record['val_dice']:.4f} (best {best:.4f})")
             console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, validation "
-                          f"per-patient Dice {val_dice:.4f}, {record['seconds']:.0f} s, "
+                          f"per-patient Dice {record['val_dice']:.4f}, {record['seconds']:.0f} s, "
                           f"{record['images_per_s']:.1f} img/s")
     return {"best_val_dice": best, "epochs": len(history), "seconds": sum(h["seconds"] for h in history)}
+
+
+def _prepare(cfg: TrainConfig, out: Path, world: int, local_rank: int, lead: bool) -> torch.device:
+    """Check the settings and the output folder before any work; set threads; the device to train on."""
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} is the global batch and must divide among {world} processes")
+    if lead:
+        check_writable(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def _resume(out: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+            lead: bool) -> tuple[TrainConfig, int, float, list[dict]]:
+    """Load `out/last.pt` into the model and optimizer: (the run's config, next epoch, best Dice, history)."""
+    last = out / "last.pt"
+    if not last.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+    sweep_temporaries(out)
+    ckpt = load_checkpoint(last)
+    saved = TrainConfig.from_dict(ckpt["config"])
+    if saved.model != cfg.model:
+        raise ValueError(f"--resume: {last} holds a {saved.model}, not the requested {cfg.model}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if lead:
+        console.print(f"resuming {out} at epoch {ckpt['epoch'] + 1} (best validation Dice {ckpt['best_val_dice']:.4f})")
+    # The run continues with the settings it started with; only the time budget is the new one.
+    return (dataclasses.replace(saved, time_budget_min=cfg.time_budget_min), ckpt["epoch"], ckpt["best_val_dice"],
+            ckpt["history"])
+
+
+def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, local_rank: int, world: int) -> nn.Module:
+    """The model on its device, in its memory format, wrapped for data parallelism under torchrun."""
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    if world == 1:
+        return model
+    # MONAI's U-Net++ builds its deep-supervision heads even when it does not use them.
+    unused = cfg.model.name == "unetpp" and not cfg.model.deep_supervision
+    return DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused)
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}"))
+    return Progress(*columns, console=console, disable=not enabled)
+
+
+def _budget_s(cfg: TrainConfig) -> float | None:
+    return cfg.time_budget_min * 60 if cfg.time_budget_min is not None else None
+
+
+def _over_budget(cfg: TrainConfig, epoch: int, spent: float) -> bool:
+    """Would one more epoch, as long as the average one so far, overrun the time budget?"""
+    budget = _budget_s(cfg)
+    per_epoch = spent / max(1, epoch) if epoch else 0.0
+    return budget is not None and spent + per_epoch > budget
+
+
+def _run_progress(cfg: TrainConfig, epoch: int, spent: float) -> float:
+    """How far through the run: with a time budget, whichever runs out first, epochs or time, so a run cut
+    short by the clock still anneals."""
+    budget = _budget_s(cfg)
+    return max(epoch / cfg.epochs, spent / budget if budget else 0.0)
+
+
+def _epoch_loader(cfg: TrainConfig, arrays: Arrays, split: Split, transform: Callable, epoch: int, rank: int,
+                  world: int) -> tuple[DataLoader, int]:
+    """The epoch's batches for this process, and the number of images in the epoch (all processes)."""
+    torch.manual_seed(cfg.seed * 1000 + epoch)
+    rng = np.random.default_rng([cfg.seed, epoch])
+    rows = epoch_rows(arrays, split.train, cfg.empty_fraction, rng)
+    # Every process draws the same rows; the sampler deals them out, so that the k-th batches of all
+    # processes together are the k-th batch of a single process with the global batch size.
+    slices = Slices(arrays, rows, transform, seed=(cfg.seed, epoch))
+    sampler = DistributedSampler(slices, world, rank, shuffle=False, drop_last=True) if world > 1 else None
+    loader = DataLoader(slices, batch_size=cfg.batch_size // world, shuffle=False, sampler=sampler,
+                        drop_last=len(rows) > cfg.batch_size, num_workers=cfg.num_workers)
+    return loader, len(rows)
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                 cfg: TrainConfig, device: torch.device, world: int, bar: Progress, epoch: int) -> list[float]:
+    """One pass over the loader: the loss of every step, averaged over the processes."""
+    model.train()
+    losses = []
+    task = bar.add_task(f"epoch {epoch + 1}", total=len(loader), info="")
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(cfg.bf16, device.type):
+            output = model(x)
+        loss = loss_fn(output, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(_mean_across(loss.detach(), world))
+        bar.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.4f}")
+    bar.remove_task(task)
+    return losses
+
+
+def _validate(model: nn.Module, cfg: TrainConfig, arrays: Arrays, split: Split, lead: bool,
+              world: int) -> dict[str, Any]:
+    """The validation report, computed by the first process and shared with the others."""
+    val = validate(_plain(model), arrays, split.val, cfg.post, bf16=cfg.bf16) if lead else None
+    if world > 1:
+        shared = [val]
+        dist.broadcast_object_list(shared, src=0)
+        val = shared[0]
+    return val
+
+
+def _checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, split: Split,
+                history: list[dict], best: float, improved: bool) -> None:
+    """best.pt when the epoch improved, last.pt (with the optimizer) always, then the log, rewritten whole
+    from the checkpoint's history so that the two always agree."""
+    state = {"model": _plain(model).state_dict(), "config": cfg.to_dict(), "epoch": history[-1]["epoch"],
+             "best_val_dice": best, "history": history, "split": dataclasses.asdict(split)}
+    if improved:
+        save_atomic(state, out / "best.pt")
+    save_atomic({**state, "optimizer": optimizer.state_dict()}, out / "last.pt")
+    write_atomic(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
 
 def _mean_across(value: torch.Tensor, world: int) -> float:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from brainmets.api import errors
 from brainmets.api.limits import UploadLimit
@@ -17,6 +18,7 @@ from brainmets.api.routes import api_router, health
 from brainmets.api.service import InferencePool, Models
 from brainmets.api.settings import Settings, get_settings
 
+DOCS_ASSETS = "/docs-assets"
 DESCRIPTION = """Brain lesion segmentation of MRI slices (PNG, JPEG, TIFF, WebP, DICOM) and NIfTI volumes with
 U-Net++ and Attention U-Net. Errors are 4xx with a JSON `detail` saying what is wrong and what is accepted;
 503 with `Retry-After` when busy."""
@@ -36,7 +38,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await loading
         app.state.pool.shutdown()
 
-    app = FastAPI(title="brainmets", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc load their scripts from this server (DOCS_ASSETS), not from a CDN: hospital networks are
+    # often offline.
+    app = FastAPIOffline(title="brainmets", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                         static_url=DOCS_ASSETS)
     app.state.settings = settings
     app.state.models = Models(settings.runtime, settings.threads, settings.precision)
     app.state.pool = InferencePool(settings.workers, settings.queue)

@@ -6,17 +6,12 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from brainmets.registry import CHOICES, SHIPPED
 from brainmets.study import ChannelSource, SeriesInfo
 from brainmets.study_results import Lesion3D
 
-
-class ModelChoice(str, Enum):
-    """The only model names a request may give; each maps through `brainmets.registry.resolve`."""
-
-    best = "best"
-    unetpp = "unetpp"
-    attention_unet = "attention-unet"
-    ensemble = "ensemble"
+# The only model names a request may give (`brainmets.registry.CHOICES`); only the registry turns them into files.
+ModelChoice = Enum("ModelChoice", [(name, name) for name in CHOICES], type=str)
 
 
 class OutputFormat(str, Enum):
@@ -33,16 +28,26 @@ class StudyFormat(str, Enum):
 
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
-    models: list[str] = Field(description="Installed shipped models.", examples=[["unetpp", "attention-unet"]])
+    models: list[str] = Field(description="Installed shipped models.", examples=[list(SHIPPED)])
 
 
 class ModelInfo(BaseModel):
     name: str = Field(examples=["attention-unet"])
-    best: bool = Field(description="The model `best` resolves to (higher test per-patient Dice).")
-    runtime: str | None = Field(description="onnxruntime or torch once loaded, null before.",
-                                examples=["onnxruntime"])
+    best: bool = Field(description="The model `best` resolves to (higher validation per-patient Dice).")
+    runtime: str | None = Field(description="openvino, onnxruntime or torch once loaded, null before.",
+                                examples=["openvino"])
+    precision: str | None = Field(None, description="bf16 or f32 once loaded, null before.", examples=["bf16"])
     image_size: int | None = Field(description="Side of the square every slice is resized to.", examples=[256])
-    threshold: float | None = Field(description="Probability threshold of the mask.", examples=[0.5])
+    threshold: float | None = Field(description="Probability threshold of the mask.", examples=[0.6])
+    min_lesion_px: int | None = Field(description="Lesions smaller than this (pixels at `image_size`, scaled to "
+                                                  "the input's size) are dropped from a lone slice's mask.",
+                                      examples=[100])
+    lesion_mode: str | None = Field(None, description="For a stack (volume, study): `single` keeps the strongest 3-D "
+                                                      "lesion, `multiple` every one.", examples=["single"])
+    min_lesion_voxels: int | None = Field(None, description="For a stack: smaller 3-D lesions are dropped.",
+                                          examples=[0])
+    validation_dice: float | None = Field(None, description="Mean per-patient Dice on the validation patients, "
+                                                            "what `best` is chosen by.", examples=[0.79])
     metrics: dict[str, float | int] | None = Field(
         description="The model's test evaluation (models/<name>/metrics.json): per-patient Dice and friends.",
         examples=[{"dice_per_patient_mean": 0.83, "dice_pooled": 0.86, "patients": 9}])

@@ -18,7 +18,8 @@ from brainmets.api.schemas import LesionOut, ModelInfo, SegmentResponse, StudyRe
 from brainmets.config import TrainConfig
 from brainmets.inference import Network, Prediction, Predictor
 from brainmets.readers import read_slice, read_volume
-from brainmets.registry import ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir, resolve, shipped_metrics
+from brainmets.registry import (BEST, ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir, resolve, shipped_metrics,
+                                validation_dice)
 from brainmets.study import Limits, study_from_upload, study_from_volume
 
 
@@ -60,7 +61,7 @@ class Models:
 
     def predictor(self, choice: str) -> Predictor:
         """`best`, `ensemble` (both shipped networks) or a shipped name."""
-        if choice == "best":
+        if choice == BEST:
             try:
                 choice = best_name()
             except FileNotFoundError as e:
@@ -71,18 +72,30 @@ class Models:
         return Predictor([self.network(choice)], choice)
 
     def info(self) -> list[ModelInfo]:
+        """The installed networks, and the ensemble where both are installed."""
         try:
             best = best_name()
         except FileNotFoundError:
             best = None
+        installed = self.installed()
         out = []
-        for name in self.installed():
-            config_path = models_dir() / name / "config.json"
-            cfg = TrainConfig.load(config_path) if config_path.is_file() else None
-            loaded = self._networks.get(name)
+        for name in installed + ([ENSEMBLE] if len(installed) == len(SHIPPED) else []):
+            if name == ENSEMBLE:
+                cfg = TrainConfig.load(models_dir() / SHIPPED[0] / "config.json")
+                post = ensemble_post() or Predictor([self.network(n) for n in SHIPPED], name).post
+                loaded = self._networks.get(SHIPPED[0])
+            else:
+                config_path = models_dir() / name / "config.json"
+                cfg = TrainConfig.load(config_path) if config_path.is_file() else None
+                post, loaded = cfg.post if cfg else None, self._networks.get(name)
             out.append(ModelInfo(name=name, best=name == best, runtime=loaded.runtime if loaded else None,
+                                 precision=loaded.precision if loaded else None,
                                  image_size=cfg.preprocess.image_size if cfg else None,
-                                 threshold=cfg.threshold if cfg else None, metrics=_numbers(shipped_metrics(name))))
+                                 threshold=post.threshold if post else None,
+                                 min_lesion_px=post.min_lesion_px if post else None,
+                                 lesion_mode=post.mode if post else None,
+                                 min_lesion_voxels=post.min_lesion_voxels if post else None,
+                                 validation_dice=validation_dice(name), metrics=_numbers(shipped_metrics(name))))
         return out
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
+from brainmets.app.client import ApiError
+from brainmets.app.compare import models_info
+from brainmets.registry import title
+
 ABOUT = """
 ### The data
 The models were trained on the **TCGA lower-grade glioma** collection prepared by Buda et al.
@@ -18,7 +22,9 @@ seen in training.
 ### What the page does
 The file goes to the brainmets API, which applies the training preprocessing (three 8-bit channels,
 resize to the network's input, CLAHE per channel), runs the chosen network, and returns the
-probability map and the mask at the model's threshold (0.5), both at the input's size. *CLAHE-enhanced*
+probability map and the mask, both at the input's size. The mask keeps the pixels above the model's
+threshold, less lesions under its smallest size, both chosen on the validation patients and read from
+each model's configuration: {postprocessing}. *CLAHE-enhanced*
 shows what the network sees. The overlay and the heat map are drawn on the middle channel, FLAIR in the
 reference data, on which its masks were drawn. Lesions are the connected components of the mask; their area is in
 pixels, and in mm² when the file carries a pixel spacing (DICOM, NIfTI). *Flip TTA* averages the
@@ -42,5 +48,22 @@ this page is configured with.
 """
 
 
-def render() -> None:
-    st.markdown(ABOUT)
+def postprocessing(models: list[dict] | None) -> str:
+    """Each served model's threshold and smallest lesion, as GET /v1/models reports them from its config."""
+    known = [m for m in models or [] if m.get("threshold") is not None]
+    if not known:
+        return "shown here when the API answers"
+    return "; ".join(f"{title(m['name'])} threshold {m['threshold']:g}"
+                     + (f", a lone slice's lesions under {m['min_lesion_px']} px of a {m['image_size']}² slice dropped"
+                        if m.get("min_lesion_px") else "")
+                     + {"single": ", a volume or study keeps its one strongest 3-D lesion",
+                        "multiple": ", a volume or study keeps every 3-D lesion"}.get(m.get("lesion_mode"), "")
+                     for m in known)
+
+
+def render(api: str) -> None:
+    try:
+        models = models_info(api)
+    except ApiError:
+        models = None  # the sidebar says why
+    st.markdown(ABOUT.format(postprocessing=postprocessing(models)))

@@ -1,4 +1,4 @@
-"""The page's only link to the backend: a small HTTP client for the brainmets API (issue 4, section 3).
+"""The page's only link to the backend: a small HTTP client for the brainmets API.
 
 Every failure becomes an `ApiError` whose message can be shown as is: a backend that does not answer
 names the address that was tried; a 4xx/5xx carries the API's own `detail`.

@@ -6,10 +6,13 @@ page learns the API's address from $BRAINMETS_API.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -47,18 +50,47 @@ def exec_page(host: str, port: int, api: str, docs: Path | None = None) -> None:
     os.execve(sys.executable, page_command(host, port), page_env(api, docs))
 
 
-def wait_until_up(url: str, process: subprocess.Popen, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
+def wait_until_up(url: str, process: subprocess.Popen, what: str, timeout_s: float = START_TIMEOUT_S,
+                  log: Path | None = None) -> None:
+    """Return once `url` answers 200; raise if the process exits first or the time runs out, quoting the end
+    of its `log` where there is one."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the {what} exited with code {process.returncode} before answering at {url}")
+            raise RuntimeError(f"the {what} exited with code {process.returncode} before answering at {url}"
+                               + _log_tail(log))
         try:
             if requests.get(url, timeout=2).ok:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"the {what} did not answer at {url} within {timeout_s:.0f} s")
+    raise RuntimeError(f"the {what} did not answer at {url} within {timeout_s:.0f} s" + _log_tail(log))
+
+
+def _log_tail(log: Path | None, chars: int = 3000) -> str:
+    return f"; the end of {log}:\n{log.read_text(errors='replace')[-chars:]}" if log and log.exists() else ""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(command: list[str], health_url: str, what: str, log: Path | None = None, env: dict | None = None,
+            cwd: Path | None = None, timeout_s: float = START_TIMEOUT_S) -> Iterator[subprocess.Popen]:
+    """`command` as a child process (output to `log`, else inherited), once it answers at `health_url`;
+    stopped when the block ends. Tests and the screenshot script start their servers with this."""
+    with open(log, "w") if log else contextlib.nullcontext() as out:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if out else None)
+        try:
+            wait_until_up(health_url, process, what, timeout_s, log)
+            yield process
+        finally:
+            stop([process])
 
 
 def stop(processes: list[subprocess.Popen], grace_s: float = 10.0) -> None:

@@ -37,4 +37,4 @@ with study_tab:
 with compare_tab:
     compare.render(API, DOCS)
 with about_tab:
-    about.render()
+    about.render(API)

@@ -13,18 +13,16 @@ from brainmets.app.client import ApiError, Client
 from brainmets.app.compare import models_info
 from brainmets.config import PreprocessConfig
 from brainmets.preprocessing import enhance, to_uint8_rgb
-from brainmets.readers import ImageReadError, read_slice, read_volume, sniff
-from brainmets.registry import SHIPPED
+from brainmets.readers import ACCEPTED, ImageReadError, read_slice, read_volume, sniff
+from brainmets.registry import BEST, ENSEMBLE, SHIPPED, title
 
+SIDE_BY_SIDE = "both side by side" if len(SHIPPED) == 2 else "all side by side"
 MODES = {  # choice on the page -> the API's model names, one request each
-    "best": ("best",),
-    "U-Net++": ("unetpp",),
-    "Attention U-Net": ("attention-unet",),
-    "both side by side": ("unetpp", "attention-unet"),
-    "ensemble": ("ensemble",),
+    BEST: (BEST,),
+    **{title(name): (name,) for name in SHIPPED},
+    SIDE_BY_SIDE: SHIPPED,
+    ENSEMBLE: (ENSEMBLE,),
 }
-TITLES = {"unetpp": "U-Net++", "attention-unet": "Attention U-Net", "ensemble": "Ensemble (mean of both)"}
-FORMATS = "PNG, JPEG, TIFF, DICOM (.dcm) or NIfTI (.nii, .nii.gz)"
 
 
 def available_modes(models: list[dict] | None) -> list[str]:
@@ -33,9 +31,9 @@ def available_modes(models: list[dict] | None) -> list[str]:
     if models is None:
         return list(MODES)
     installed = {m["name"] for m in models}
-    needs = {"best": set(), "ensemble": set(SHIPPED)}
+    needs = {BEST: set(), ENSEMBLE: set(SHIPPED)}
     return [label for label, names in MODES.items()
-            if (names != ("best",) or any(m["best"] for m in models))
+            if (names != (BEST,) or any(m["best"] for m in models))
             and set().union(*(needs.get(n, {n}) for n in names)) <= installed]
 
 
@@ -60,9 +58,9 @@ def render(api: str) -> None:
         st.warning("The backend serves no model yet: ship one into models/<name>/ (see the README).")
         return
     mode, tta, opacity = controls(modes)
-    upload = st.file_uploader(f"MRI slice or volume: {FORMATS}", key="upload")
+    upload = st.file_uploader(f"MRI slice or volume: {ACCEPTED}", key="upload")
     if upload is None:
-        st.info(f"Upload an MRI slice or volume ({FORMATS}). The reference data's slices are 3-channel "
+        st.info(f"Upload an MRI slice or volume ({ACCEPTED}). The reference data's slices are 3-channel "
                 f"TIFFs (pre-contrast, FLAIR, post-contrast).")
         return
     data, name = upload.getvalue(), upload.name
@@ -133,7 +131,7 @@ def show_volume(api: str, data: bytes, stem: str, models: tuple[str, ...], tta: 
     if not stored or stored[0] != key:
         return
     for column, (model, result) in zip(st.columns(len(models)), stored[1].items()):
-        column.metric(f"Lesion volume, {TITLES.get(result.model, result.model)}",
+        column.metric(f"Lesion volume, {title(result.model)}",
                       f"{result.lesion_volume_mm3:,.0f} mm³", help=f"{result.lesion_voxels:,} voxels")
         column.download_button("Mask NIfTI", result.nifti, f"{stem}_{model}_mask.nii.gz", "application/gzip",
                                on_click="ignore", key=f"nifti-{model}")
@@ -160,12 +158,12 @@ def show_results(image: np.ndarray, results: dict[str, dict], size: int, opacity
     base = images.flair(rgb)
     overlays = {}
     for model, result in results.items():
-        title = TITLES.get(result["model"], result["model"])
+        label = title(result["model"])
         mask = images.decode_png(base64.b64decode(result["mask_png"]))
         probability = images.decode_png(base64.b64decode(result["probability_png"]))
         overlays[model] = images.overlay(base, mask, opacity)
-        next(columns).image(overlays[model], caption=f"{title}: lesions outlined", width="stretch")
-        next(columns).image(images.heatmap(base, probability), caption=f"{title}: probability (dark 0, yellow 1)",
+        next(columns).image(overlays[model], caption=f"{label}: lesions outlined", width="stretch")
+        next(columns).image(images.heatmap(base, probability), caption=f"{label}: probability (dark 0, yellow 1)",
                             width="stretch")
     for column, (model, result) in zip(st.columns(len(results)), results.items()):
         with column, st.container(key=f"result-{model}", border=True):
@@ -173,7 +171,7 @@ def show_results(image: np.ndarray, results: dict[str, dict], size: int, opacity
 
 
 def show_numbers(result: dict, overlay: np.ndarray, stem: str, key: str) -> None:
-    st.subheader(TITLES.get(result["model"], result["model"]))
+    st.subheader(title(result["model"]))
     lesions, mm2 = result["lesions"], result["lesion_area_mm2"]
     count, area, area_mm2, ms = st.columns(4)
     count.metric("Lesions", len(lesions))

@@ -18,8 +18,9 @@ import streamlit as st
 from brainmets.app import images
 from brainmets.app.client import ApiError, Client, StudyAnswer
 from brainmets.app.compare import models_info
-from brainmets.app.segment import MODES, TITLES, available_modes, controls
+from brainmets.app.segment import MODES, available_modes, controls
 from brainmets.preprocessing import to_uint8_rgb
+from brainmets.registry import title
 from brainmets.study import Study, study_from_upload
 
 SLIDER = "study-slice"
@@ -88,7 +89,7 @@ def show(study: Study, result: StudyAnswer, masks: np.ndarray, opacity: float, s
     mm3 = answer["lesion_volume_mm3"]
     volume.metric("Lesion volume", "–" if mm3 is None else f"{mm3:,.0f} mm³", help=f"{answer['lesion_voxels']:,} voxels")
     slices.metric("Slices", answer["slices"])
-    ms.metric("Inference", f"{answer['inference_ms'] / 1000:.1f} s", help=TITLES.get(answer["model"], answer["model"]))
+    ms.metric("Inference", f"{answer['inference_ms'] / 1000:.1f} s", help=title(answer["model"]))
     for warning in answer["warnings"]:
         st.warning(warning)
     scrubber(study, masks, lesions, opacity)

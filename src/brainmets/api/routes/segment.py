@@ -7,6 +7,7 @@ from brainmets.api import service
 from brainmets.api.deps import ModelsDep, PoolDep, SettingsDep
 from brainmets.api.schemas import ErrorResponse, ModelChoice, OutputFormat, SegmentResponse, StudyFormat, StudyResponse
 from brainmets.readers import ACCEPTED
+from brainmets.registry import BEST
 
 router = APIRouter(prefix="/segment", tags=["segment"])
 
@@ -19,7 +20,7 @@ ERRORS = {
     503: {"model": ErrorResponse, "description": "Busy or too slow; retry after `Retry-After` seconds."},
 }
 ModelQuery = Annotated[ModelChoice, Query(description="`best` is the shipped model with the higher test Dice; "
-                                                      "`ensemble` averages both networks.")]
+                                                      "`ensemble` averages the shipped networks.")]
 TtaQuery = Annotated[bool, Query(description="Average over horizontal and vertical flips (3x the time).")]
 
 
@@ -30,7 +31,7 @@ TtaQuery = Annotated[bool, Query(description="Average over horizontal and vertic
 async def segment(
     file: Annotated[UploadFile, File(description="One slice: PNG, JPEG, TIFF, WebP or DICOM.")],
     models: ModelsDep, pool: PoolDep, settings: SettingsDep,
-    model: ModelQuery = ModelChoice.best, tta: TtaQuery = False,
+    model: ModelQuery = ModelChoice(BEST), tta: TtaQuery = False,
     format: Annotated[OutputFormat, Query(description="`json` or `png` (the mask itself).")] = OutputFormat.json,
 ):
     """Lesion mask, probability map and lesions (area, centroid, box, mean probability) of one MRI slice
@@ -52,7 +53,7 @@ async def segment(
 async def segment_volume(
     file: Annotated[UploadFile, File(description="A NIfTI volume (.nii or .nii.gz): 3-D, or 4-D with 1 or 3 channels.")],
     models: ModelsDep, pool: PoolDep, settings: SettingsDep,
-    model: ModelQuery = ModelChoice.best, tta: TtaQuery = False,
+    model: ModelQuery = ModelChoice(BEST), tta: TtaQuery = False,
 ) -> Response:
     """Slice by slice along the axial axis; returns a NIfTI mask with the input's affine."""
     data = await file.read()
