@@ -10,8 +10,6 @@ import zlib
 import cv2
 import nibabel as nib
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 
 def encode(ext: str, image: np.ndarray, params: tuple = ()) -> bytes:
@@ -32,24 +30,14 @@ def tiff_stack(pages: list[np.ndarray]) -> bytes:
 def dicom(pixels: np.ndarray, spacing: tuple[float, float] | None = (0.5, 0.8), slope: float = 2.0,
           intercept: float = -100.0, photometric: str = "MONOCHROME2") -> bytes:
     """An MR image slice of uint16 stored values; real value = stored * slope + intercept."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    from dicom_studies import mr_slice, to_bytes
+
+    ds = mr_slice(pixels, RescaleSlope=slope, RescaleIntercept=intercept, PhotometricInterpretation=photometric)
     if spacing:
         ds.PixelSpacing = list(spacing)
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    else:
+        del ds.PixelSpacing
+    return to_bytes(ds)
 
 
 def nifti(volume: np.ndarray, affine: np.ndarray, gz: bool = True) -> bytes:

@@ -256,6 +256,21 @@ class Predictor:
         mask = stack_axial(masks, volume)
         return VolumePrediction(mask, volume.voxel_mm3, volume.affine, volume.header, time.perf_counter() - t0)
 
+    def predict_stack(self, slices: Sequence[np.ndarray], spacing: tuple[float, float, float] | None = None,
+                      tta: bool = False) -> StackPrediction:
+        """One study's slices in order, each (H, W) or (H, W, C), all the same size."""
+        t0 = time.perf_counter()
+        prob = np.stack(self.probabilities(slices, tta))
+        mask = np.stack([self.binarize(p) for p in prob])
+        return StackPrediction(prob, mask, time.perf_counter() - t0)
+
+
+@dataclass
+class StackPrediction:
+    probability: np.ndarray  # float32 (N, H, W)
+    mask: np.ndarray  # bool (N, H, W)
+    seconds: float = 0.0
+
 
 def resize_probability(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Back to the image's (H, W): area-averaged when shrinking, bilinear when growing, as `preprocess`."""

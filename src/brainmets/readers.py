@@ -213,14 +213,21 @@ def _check_pixels(width: int, height: int, max_pixels: int, kind: str) -> None:
 
 
 def _read_dicom(data: bytes, max_pixels: int) -> Slice:
-    """Pixels with the modality LUT or rescale slope/intercept applied (stored values -> e.g. HU)."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as e:  # any failure of the parser on these bytes means a broken file
+        raise _unreadable_dicom(e) from e
+    return dicom_slice(ds, max_pixels)
+
+
+def dicom_slice(ds: pydicom.Dataset, max_pixels: int = MAX_PIXELS) -> Slice:
+    """Pixels with the modality LUT or rescale slope/intercept applied (stored values -> e.g. HU)."""
+    try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames") or 1)
         has_pixels = "PixelData" in ds
     except Exception as e:  # any failure of the parser on these bytes means a broken file
-        raise ImageReadError(f"unreadable DICOM ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        raise _unreadable_dicom(e) from e
     if not has_pixels:
         raise ImageReadError("DICOM without pixel data: expected an image slice")
     _check_pixels(columns, rows, max_pixels, "dicom")
@@ -238,6 +245,10 @@ def _read_dicom(data: bytes, max_pixels: int) -> Slice:
         pixels = pixels.astype(np.float64)  # max + min would wrap around in the stored integer type
         pixels = pixels.max() + pixels.min() - pixels
     return Slice(np.ascontiguousarray(pixels), _pixel_spacing(ds), "dicom")
+
+
+def _unreadable_dicom(e: Exception) -> ImageReadError:
+    return ImageReadError(f"unreadable DICOM ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
 def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
