@@ -1,0 +1,77 @@
+"""`brainmets pacs` against a real Orthanc (tests/orthanc.py): search, fetch, segment, store, watch, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from brainmets.pacs import AccessDenied, Pacs, PacsError, PacsUnreachable
+from conftest import free_port, synthetic_slice
+from dicom_studies import MRStudy, mr_study, to_bytes
+from orthanc import orthanc, orthanc_with_auth  # noqa: F401  (fixtures)
+
+SLICES = 10
+
+
+def study(seed: int, slices: int = SLICES, **kwargs) -> MRStudy:
+    """Three MR series of `slices` synthetic 64x64 slices, lesions in the middle third (conftest's generator)."""
+    rng = np.random.default_rng(seed)
+    images = [synthetic_slice(rng, 64, lesion=slices // 3 <= k < 2 * slices // 3)[0] for k in range(slices)]
+    return mr_study(images, **{"patient_id": f"P{seed:03d}", **kwargs})
+
+
+def upload(server, *studies: MRStudy) -> None:
+    server.upload([to_bytes(ds) for s in studies for ds in s.datasets])
+
+
+@pytest.fixture
+def credentials(monkeypatch):
+    """No credentials from the developer's environment leak into a test."""
+    for key in ("USER", "PASSWORD", "TOKEN", "URL"):
+        monkeypatch.delenv(f"BRAINMETS_DICOMWEB_{key}", raising=False)
+    return monkeypatch
+
+
+def test_list_shows_each_study_with_its_tags(orthanc, credentials):
+    a, b = study(1), study(2)
+    upload(orthanc, a, b)
+    rows = {r.uid: r for r in Pacs(orthanc.dicomweb_url).studies()}
+    assert set(rows) == {a.study_uid, b.study_uid}
+    row = rows[a.study_uid]
+    assert (row.patient_id, row.date, row.series, row.instances) == ("P001", "20260101", 3, 3 * SLICES)
+    assert row.description == "MRI BRAIN WITH AND WITHOUT CONTRAST"
+    assert not row.has_seg()
+
+
+def test_url_from_the_environment_and_none_at_all(orthanc, credentials):
+    with pytest.raises(PacsError, match="BRAINMETS_DICOMWEB_URL"):
+        Pacs()
+    credentials.setenv("BRAINMETS_DICOMWEB_URL", orthanc.dicomweb_url)
+    assert Pacs().studies() == []
+
+
+def test_wrong_credentials_are_a_clear_error_that_never_shows_them(orthanc_with_auth, credentials):
+    upload(orthanc_with_auth, study(1))
+    credentials.setenv("BRAINMETS_DICOMWEB_USER", "radiology")
+    credentials.setenv("BRAINMETS_DICOMWEB_PASSWORD", "wrong-guess")
+    with pytest.raises(AccessDenied, match="401") as denied:
+        Pacs(orthanc_with_auth.dicomweb_url).studies()
+    assert "wrong-guess" not in str(denied.value) and orthanc_with_auth.dicomweb_url in str(denied.value)
+    credentials.setenv("BRAINMETS_DICOMWEB_PASSWORD", "s3cret-pass")
+    assert len(Pacs(orthanc_with_auth.dicomweb_url).studies()) == 1
+
+
+def test_unreachable_pacs_is_retried_then_named(credentials):
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    with pytest.raises(PacsUnreachable, match="not reachable") as unreachable:
+        Pacs(url, retries=3, backoff_s=0.01).studies()
+    assert url in str(unreachable.value) and "3 tries" in str(unreachable.value)
+
+
+def test_a_study_without_mr_series_is_refused_with_what_it_holds(orthanc, credentials):
+    ct = study(3, slices=2, sequences=[("HEAD CT", 0, {"Modality": "CT"})])
+    upload(orthanc, ct)
+    with pytest.raises(PacsError, match=r"no MR series.*CT"):
+        Pacs(orthanc.dicomweb_url).image_series(ct.study_uid)
+    with pytest.raises(PacsError, match="no study 1.2.3"):
+        Pacs(orthanc.dicomweb_url).image_series("1.2.3")
