@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,58 @@ def test_a_study_without_mr_series_is_refused_with_what_it_holds(orthanc, creden
         Pacs(orthanc.dicomweb_url).image_series(ct.study_uid)
     with pytest.raises(PacsError, match="no study 1.2.3"):
         Pacs(orthanc.dicomweb_url).image_series("1.2.3")
+
+
+@pytest.fixture(scope="module")
+def predictor(models_root):
+    from brainmets.inference import Predictor
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BRAINMETS_MODELS", str(models_root))
+        return Predictor.load("attention-unet", threads=1)
+
+
+def our_segs(server) -> dict[str, list[dict]]:
+    """Study UID -> the SEG series Orthanc holds for it, each with its instance count (Orthanc's own view)."""
+    segs: dict[str, list[dict]] = {}
+    for s in server.series():
+        if s["MainDicomTags"].get("Modality") == "SEG":
+            study_uid = server.rest("GET", f"/studies/{s['ParentStudy']}").json()["MainDicomTags"]["StudyInstanceUID"]
+            segs.setdefault(study_uid, []).append(s)
+    return segs
+
+
+def test_segment_stores_a_seg_that_references_the_flair_series_and_reads_back_to_the_mask(orthanc, credentials,
+                                                                                         predictor):
+    import highdicom as hd
+    from pydicom import dcmread
+
+    from brainmets.pacs import model_version, seg_uids, segment_in_pacs
+
+    a, b = study(1), study(2)
+    upload(orthanc, a, b)
+    pacs = Pacs(orthanc.dicomweb_url)
+    steps = []
+    done = segment_in_pacs(pacs, predictor, a.study_uid, progress=steps.append)
+    assert steps == ["fetching", "segmenting", "storing"]
+    assert done.result.mask.shape == (SLICES, 64, 64) and done.result.mask.any()
+
+    segs = our_segs(orthanc)
+    assert list(segs) == [a.study_uid] and len(segs[a.study_uid]) == 1  # b untouched
+    series = segs[a.study_uid][0]
+    assert series["MainDicomTags"]["SeriesInstanceUID"] == done.seg_series_uid == seg_uids(a.study_uid, model_version(predictor))[0]
+    [instance] = series["Instances"]
+    seg = hd.seg.Segmentation.from_dataset(dcmread(io.BytesIO(orthanc.rest("GET", f"/instances/{instance}/file").content)))
+    flair = a.series["AX T2 FLAIR"]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == flair[0].SeriesInstanceUID
+    assert seg.StudyInstanceUID == a.study_uid and seg.SeriesDescription.startswith("brainmets lesions")
+    pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in flair], segment_numbers=[1],
+                                               ignore_spatial_locations=True)[..., 0]
+    np.testing.assert_array_equal(pixels.astype(bool), done.result.mask)
+
+    row = {r.uid: r for r in pacs.studies()}
+    assert row[a.study_uid].has_seg(model_version(predictor)) and not row[b.study_uid].has_seg()
+    assert row[a.study_uid].series == 3  # our SEG is not counted as an image series
+
+    segment_in_pacs(pacs, predictor, a.study_uid)  # again: the same instance, kept once
+    assert [len(s["Instances"]) for s in our_segs(orthanc)[a.study_uid]] == [1]

@@ -2,7 +2,7 @@
 
     Pacs            one DICOMweb server: QIDO-RS to search, WADO-RS to fetch, STOW-RS to store; connection
                     failures are retried with backoff, and every failure becomes a `PacsError` naming the URL
-    segment_study   fetch a study's MR series, segment them with the study pipeline, store the SEG
+    segment_in_pacs fetch a study's MR series, segment them with the study pipeline, store the SEG
     watch           poll for studies without our SEG of the current model version and segment each once
 
 The address comes from the caller or $BRAINMETS_DICOMWEB_URL; credentials only from the environment
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import time
@@ -30,10 +31,12 @@ from pathlib import Path
 
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
 from brainmets.inference import Predictor, file_sha256
+from brainmets.study import study_from_datasets
+from brainmets.study_results import StudyResult, segment_study
 
 URL_ENV, USER_ENV, PASSWORD_ENV, TOKEN_ENV = (f"BRAINMETS_DICOMWEB_{k}" for k in ("URL", "USER", "PASSWORD", "TOKEN"))
 MANUFACTURER = "brainmets"
@@ -44,8 +47,9 @@ TIMEOUT_S = 60.0  # per request; a 40-slice series is a few MB
 IMAGE_MODALITIES = ("MR",)  # the models were trained on MRI; SEG, SR, PR... are never inputs
 
 
-class PacsError(Exception):
-    """A failure to show as is: what went wrong, with which server, and where it helps what to do."""
+class PacsError(OSError):
+    """A failure to show as is: what went wrong, with which server, and where it helps what to do. An
+    OSError, as a failed read of a remote store: the command line prints it as one line."""
 
 
 class PacsUnreachable(PacsError):
@@ -179,6 +183,41 @@ class Pacs:
                             f"(STOW-RS failure reason {reasons})")
 
 
+@dataclass
+class Segmented:
+    study_uid: str
+    seg_series_uid: str
+    result: StudyResult
+    seconds: dict[str, float]  # fetch, segment, store
+
+
+def segment_in_pacs(pacs: Pacs, predictor: Predictor, study_uid: str, version: str | None = None,
+                    tta: bool = False, progress: Callable[[str], None] = lambda step: None) -> Segmented:
+    """Fetch the study's MR series, segment them as one study, store the SEG beside them.
+
+    Storing again (the same study and model version) sends the same SOP instance, which the server keeps once.
+    """
+    version = version or model_version(predictor)
+    seconds, t0 = {}, time.perf_counter()
+    progress("fetching")
+    datasets = [ds for uid, _ in pacs.image_series(study_uid) for ds in pacs.fetch_series(study_uid, uid)]
+    seconds["fetch"], t0 = time.perf_counter() - t0, time.perf_counter()
+    progress("segmenting")
+    try:
+        result = segment_study(predictor, study_from_datasets(datasets, name=study_uid), tta)
+        seg = dcmread(io.BytesIO(result.dicom_seg()))
+    except ValueError as e:  # the study's fault: StudyError, ImageReadError, InputError
+        raise PacsError(f"study {study_uid} cannot be segmented: {e}") from None
+    seg.SeriesInstanceUID, seg.SOPInstanceUID = seg_uids(study_uid, version)
+    seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
+    seg.SeriesDescription = f"{SEG_DESCRIPTION} {version}"
+    seconds["segment"], t0 = time.perf_counter() - t0, time.perf_counter()
+    progress("storing")
+    pacs.store(seg)
+    seconds["store"] = time.perf_counter() - t0
+    return Segmented(study_uid, seg.SeriesInstanceUID, result, seconds)
+
+
 # --- watch ------------------------------------------------------------------------------------------------
 
 
@@ -227,7 +266,7 @@ class WatchSummary:
 
 
 def watch(pacs: Pacs, predictor: Predictor, state_path: Path, interval_s: float = 10.0, once: bool = False,
-          say: Callable[[str], None] = print, on_segmented: Callable[[StudyResult], None] | None = None,
+          say: Callable[[str], None] = print, on_segmented: Callable[[Segmented], None] | None = None,
           max_polls: int | None = None) -> WatchSummary:
     """Poll the PACS and segment every study without our SEG of this model version, each once.
 
@@ -247,7 +286,7 @@ def watch(pacs: Pacs, predictor: Predictor, state_path: Path, interval_s: float 
                     if state.failed_before(row.uid, version) or not (once or counts.get(row.uid) == row.instances):
                         continue
                     try:
-                        result = segment_study(pacs, predictor, row.uid, version)
+                        done = segment_in_pacs(pacs, predictor, row.uid, version)
                     except (PacsUnreachable, AccessDenied):
                         raise
                     except PacsError as e:
@@ -257,7 +296,7 @@ def watch(pacs: Pacs, predictor: Predictor, state_path: Path, interval_s: float 
                         continue
                     summary.segmented.append(row.uid)
                     if on_segmented:
-                        on_segmented(result)
+                        on_segmented(done)
             except PacsUnreachable as e:
                 if once:
                     raise
