@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from brainmets.pacs import AccessDenied, Pacs, PacsError, PacsUnreachable
+from brainmets.dicomweb import AccessDenied, Pacs, PacsError, PacsUnreachable
 from conftest import free_port, synthetic_slice
 from dicom_studies import MRStudy, mr_study, to_bytes
 from orthanc import orthanc, orthanc_with_auth  # noqa: F401  (fixtures)
