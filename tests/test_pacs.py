@@ -132,3 +132,56 @@ def test_segment_stores_a_seg_that_references_the_flair_series_and_reads_back_to
 
     segment_in_pacs(pacs, predictor, a.study_uid)  # again: the same instance, kept once
     assert [len(s["Instances"]) for s in our_segs(orthanc)[a.study_uid]] == [1]
+
+
+def test_watch_takes_only_studies_without_our_seg_so_a_crash_after_stow_duplicates_nothing(orthanc, credentials,
+                                                                                           predictor, tmp_path):
+    from brainmets.pacs import segment_in_pacs, watch
+
+    studies = [study(seed) for seed in (1, 2, 3)]
+    upload(orthanc, *studies)
+    pacs = Pacs(orthanc.dicomweb_url)
+    segment_in_pacs(pacs, predictor, studies[0].study_uid)  # a run killed right after its STOW-RS
+    first = watch(pacs, predictor, tmp_path / "state.json", once=True, say=pytest.fail)
+    assert first.segmented == [s.study_uid for s in studies[1:]] and first.failed == []
+    again = watch(pacs, predictor, tmp_path / "state.json", once=True, say=pytest.fail)
+    assert again.segmented == []
+    segs = our_segs(orthanc)
+    assert {uid: [len(s["Instances"]) for s in found] for uid, found in segs.items()} == \
+        {s.study_uid: [1] for s in studies}
+
+
+def test_watch_records_a_study_it_cannot_segment_and_does_not_fetch_it_again(orthanc, credentials, predictor,
+                                                                             tmp_path):
+    import json
+
+    from brainmets.pacs import watch
+
+    good, ct = study(1), study(3, slices=2, sequences=[("HEAD CT", 0, {"Modality": "CT"})])
+    upload(orthanc, good, ct)
+    pacs, said = Pacs(orthanc.dicomweb_url), []
+    first = watch(pacs, predictor, tmp_path / "state.json", once=True, say=said.append)
+    assert first.segmented == [good.study_uid] and first.failed == [ct.study_uid]
+    assert len(said) == 1 and "no MR series" in said[0] and ct.study_uid in said[0]
+    recorded = json.loads((tmp_path / "state.json").read_text())["failed"]
+    assert list(recorded) == [ct.study_uid] and "no MR series" in recorded[ct.study_uid]["error"]
+    again = watch(pacs, predictor, tmp_path / "state.json", once=True, say=pytest.fail)
+    assert (again.segmented, again.failed) == ([], [])
+
+
+def test_a_second_watcher_on_the_same_state_is_refused(tmp_path):
+    from brainmets.pacs import locked_state
+
+    with locked_state(tmp_path / "state.json"):
+        with pytest.raises(PacsError, match="another `brainmets pacs watch`"):
+            with locked_state(tmp_path / "state.json"):
+                pass
+
+
+def test_watch_waits_for_a_study_to_stop_growing(orthanc, credentials, predictor, tmp_path):
+    from brainmets.pacs import watch
+
+    upload(orthanc, study(1))
+    pacs = Pacs(orthanc.dicomweb_url)
+    assert watch(pacs, predictor, tmp_path / "state.json", interval_s=0, max_polls=1).segmented == []
+    assert len(watch(pacs, predictor, tmp_path / "state.json", interval_s=0, max_polls=2).segmented) == 1
