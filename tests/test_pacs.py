@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -185,3 +190,109 @@ def test_watch_waits_for_a_study_to_stop_growing(orthanc, credentials, predictor
     pacs = Pacs(orthanc.dicomweb_url)
     assert watch(pacs, predictor, tmp_path / "state.json", interval_s=0, max_polls=1).segmented == []
     assert len(watch(pacs, predictor, tmp_path / "state.json", interval_s=0, max_polls=2).segmented) == 1
+
+
+# --- the command line, in-process and as a real process --------------------------------------------------
+
+
+def pacs_cli(*args: str, code: int = 0):
+    from typer.testing import CliRunner
+
+    from brainmets.cli import app
+
+    result = CliRunner().invoke(app, ["pacs", *map(str, args)], env={"COLUMNS": "200"})
+    assert result.exit_code == code, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_cli_list_and_segment_print_tables(orthanc, credentials, models_root):
+    a = study(1)
+    upload(orthanc, a)
+    credentials.setenv("BRAINMETS_MODELS", str(models_root))
+    credentials.setenv("BRAINMETS_DICOMWEB_URL", orthanc.dicomweb_url)
+    listed = pacs_cli("list").stdout
+    assert a.study_uid in listed and "P001" in listed and "1 studies" in listed
+    segmented = pacs_cli("segment", a.study_uid, "--model", "attention-unet").stdout
+    assert "lesion(s)" in segmented and "volume mm³" in segmented
+    assert "attention-unet-" in pacs_cli("list").stdout  # the SEG's model version
+
+
+def test_cli_wrong_credentials_is_one_line_without_the_password(orthanc_with_auth, credentials):
+    credentials.setenv("BRAINMETS_DICOMWEB_USER", "radiology")
+    credentials.setenv("BRAINMETS_DICOMWEB_PASSWORD", "not-the-pass")
+    result = pacs_cli("list", "--url", orthanc_with_auth.dicomweb_url, code=2)
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "401" in result.stderr and "not-the-pass" not in result.output
+
+
+def test_cli_segment_of_a_study_without_mr_names_it(orthanc, credentials, models_root):
+    ct = study(3, slices=2, sequences=[("HEAD CT", 0, {"Modality": "CT"})])
+    upload(orthanc, ct)
+    credentials.setenv("BRAINMETS_MODELS", str(models_root))
+    result = pacs_cli("segment", ct.study_uid, "--url", orthanc.dicomweb_url, "--model", "attention-unet", code=2)
+    assert "no MR series" in result.stderr and ct.study_uid in result.stderr
+
+
+def watch_process(server, models_root, state, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "BRAINMETS_MODELS": str(models_root), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "brainmets", "pacs", "watch", "--url", server.dicomweb_url,
+                             "--model", "attention-unet", "--state", str(state), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, timeout_s: float = 60.0, every_s: float = 0.02):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every_s)
+    return value
+
+
+def seg_counts(server) -> dict[str, list[int]]:
+    return {uid: [len(s["Instances"]) for s in found] for uid, found in our_segs(server).items()}
+
+
+@pytest.mark.slow
+def test_watch_killed_mid_run_then_restarted_leaves_exactly_one_seg_per_study(orthanc, credentials, models_root,
+                                                                              tmp_path):
+    studies = [study(seed) for seed in range(1, 6)]
+    upload(orthanc, *studies)
+    watcher = watch_process(orthanc, models_root, tmp_path / "state.json", "--once")
+    done_before_kill = wait_for(lambda: len(our_segs(orthanc)))
+    os.kill(watcher.pid, signal.SIGKILL)
+    watcher.wait()
+    assert done_before_kill < len(studies), "the watcher finished before the kill: nothing was interrupted"
+    restarted = watch_process(orthanc, models_root, tmp_path / "state.json", "--once")
+    output = restarted.communicate(timeout=120)[0]
+    assert restarted.returncode == 0, output
+    assert seg_counts(orthanc) == {s.study_uid: [1] for s in studies}
+    assert "studies segmented, 0 failed" in output
+
+
+@pytest.mark.slow
+def test_watch_rides_out_orthanc_stopping_mid_run(orthanc, credentials, models_root, tmp_path):
+    studies = [study(seed) for seed in range(1, 4)]
+    upload(orthanc, *studies)
+    watcher = watch_process(orthanc, models_root, tmp_path / "state.json", "--interval", "0.3")
+    try:
+        wait_for(lambda: len(our_segs(orthanc)), every_s=0.01)
+        orthanc.stop(graceful=False)
+        time.sleep(8)  # longer than one request's retries: the watcher says so and keeps polling
+        assert watcher.poll() is None
+        orthanc.start()
+        wait_for(lambda: seg_counts(orthanc) == {s.study_uid: [1] for s in studies}, every_s=0.2)
+    finally:
+        watcher.terminate()
+        output = watcher.communicate(timeout=30)[0]
+    assert f"the PACS at {orthanc.dicomweb_url} is not reachable" in output and "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_cli_segment_with_orthanc_stopped_names_the_url(orthanc, credentials, models_root):
+    a = study(1)
+    upload(orthanc, a)
+    orthanc.stop(graceful=False)
+    credentials.setenv("BRAINMETS_MODELS", str(models_root))
+    result = pacs_cli("segment", a.study_uid, "--url", orthanc.dicomweb_url, "--model", "attention-unet", code=2)
+    assert f"the PACS at {orthanc.dicomweb_url} is not reachable" in result.stderr and "4 tries" in result.stderr

@@ -348,7 +348,8 @@ def pacs_list(url: UrlOpt = None) -> None:
     pacs = Pacs(url)
     studies = pacs.studies()
     table = Table(title=f"{len(studies)} studies at {pacs.url}")
-    for column in ("study UID", "patient", "date", "description", "series", "brainmets SEG"):
+    table.add_column("study UID", no_wrap=True, min_width=max((len(r.uid) for r in studies), default=9))  # copyable
+    for column in ("patient", "date", "description", "series", "brainmets SEG"):
         table.add_column(column, overflow="fold")
     for r in studies:
         table.add_row(r.uid, r.patient_id, r.date, r.description, str(r.series), ", ".join(r.brainmets_segs) or "-")
