@@ -33,9 +33,10 @@ def missing() -> str | None:
 
 
 class OrthancServer:
-    """Orthanc on 127.0.0.1:<free port> storing in `folder`; `users` {name: password} turns basic auth on."""
+    """Orthanc on 127.0.0.1:<free port> storing in `folder`; `users` {name: password} turns basic auth on;
+    `settings` are added to its configuration."""
 
-    def __init__(self, folder: Path, users: dict[str, str] | None = None):
+    def __init__(self, folder: Path, users: dict[str, str] | None = None, **settings):
         self.folder, self.users = Path(folder), users or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,6 +55,7 @@ class OrthancServer:
             "RegisteredUsers": self.users,
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
+            **settings,
         }, indent=2))
 
     def start(self) -> OrthancServer:
@@ -92,20 +94,28 @@ class OrthancServer:
 
 
 @pytest.fixture
-def orthanc(tmp_path_factory):
-    """An empty Orthanc, without authentication, stopped after the test."""
+def start_orthanc(tmp_path_factory):
+    """Start an empty Orthanc: `start_orthanc(users=None, **settings)`; each is killed after the test."""
     if reason := missing():
         pytest.skip(reason)
-    server = OrthancServer(tmp_path_factory.mktemp("orthanc")).start()
-    yield server
-    server.stop(graceful=False)
+    servers = []
+
+    def start(users: dict[str, str] | None = None, **settings) -> OrthancServer:
+        servers.append(OrthancServer(tmp_path_factory.mktemp("orthanc"), users, **settings))
+        return servers[-1].start()
+
+    yield start
+    for server in servers:
+        server.stop(graceful=False)
 
 
 @pytest.fixture
-def orthanc_with_auth(tmp_path_factory):
+def orthanc(start_orthanc):
+    """An empty Orthanc without authentication."""
+    return start_orthanc()
+
+
+@pytest.fixture
+def orthanc_with_auth(start_orthanc):
     """An empty Orthanc that requires basic authentication as `radiology` / `s3cret-pass`."""
-    if reason := missing():
-        pytest.skip(reason)
-    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), users={"radiology": "s3cret-pass"}).start()
-    yield server
-    server.stop(graceful=False)
+    return start_orthanc(users={"radiology": "s3cret-pass"})

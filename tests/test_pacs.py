@@ -15,7 +15,7 @@ import pytest
 from brainmets.dicomweb import AccessDenied, Pacs, PacsError, PacsUnreachable
 from conftest import free_port, synthetic_slice
 from dicom_studies import MRStudy, mr_study, to_bytes
-from orthanc import orthanc, orthanc_with_auth  # noqa: F401  (fixtures)
+from orthanc import orthanc, orthanc_with_auth, start_orthanc  # noqa: F401  (fixtures)
 
 SLICES = 10
 
@@ -66,6 +66,22 @@ def test_wrong_credentials_are_a_clear_error_that_never_shows_them(orthanc_with_
     assert "wrong-guess" not in str(denied.value) and orthanc_with_auth.dicomweb_url in str(denied.value)
     credentials.setenv("BRAINMETS_DICOMWEB_PASSWORD", "s3cret-pass")
     assert len(Pacs(orthanc_with_auth.dicomweb_url).studies()) == 1
+
+
+def test_credentials_never_reach_the_log(orthanc_with_auth, credentials, caplog):
+    import base64
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    credentials.setenv("BRAINMETS_DICOMWEB_USER", "radiology")
+    credentials.setenv("BRAINMETS_DICOMWEB_PASSWORD", "s3cret-pass")
+    Pacs(orthanc_with_auth.dicomweb_url).studies()
+    credentials.setenv("BRAINMETS_DICOMWEB_TOKEN", "tok-123")  # a bearer token wins over basic credentials
+    with pytest.raises(AccessDenied):  # Orthanc knows no tokens
+        Pacs(orthanc_with_auth.dicomweb_url).studies()
+    assert "GET" in caplog.text  # the client did log its requests
+    for secret in ("s3cret-pass", "tok-123", base64.b64encode(b"radiology:s3cret-pass").decode()):
+        assert secret not in caplog.text
 
 
 def test_unreachable_pacs_is_retried_then_named(credentials):
@@ -172,6 +188,30 @@ def test_watch_records_a_study_it_cannot_segment_and_does_not_fetch_it_again(ort
     assert list(recorded) == [ct.study_uid] and "no MR series" in recorded[ct.study_uid]["error"]
     again = watch(pacs, predictor, tmp_path / "state.json", once=True, say=pytest.fail)
     assert (again.segmented, again.failed) == ([], [])
+
+
+def test_a_stow_refused_by_the_server_is_a_clear_error(start_orthanc, credentials, predictor, tmp_path):
+    from brainmets.pacs import watch
+
+    read_only = tmp_path / "read-only.lua"  # Orthanc answers 403 to what this filter refuses
+    read_only.write_text("function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n"
+                         "  return method ~= 'POST' or uri:find('^/dicom%-web/') == nil\n"
+                         "end\n")
+    server = start_orthanc(LuaScripts=[str(read_only)])
+    a = study(1)
+    upload(server, a)
+    with pytest.raises(AccessDenied, match=f"does not allow this user to store the SEG of study {a.study_uid}"):
+        watch(Pacs(server.dicomweb_url), predictor, tmp_path / "state.json", once=True, say=pytest.fail)
+    assert our_segs(server) == {}
+
+
+def test_an_instance_the_server_cannot_understand_is_refused_with_its_reason(orthanc, credentials):
+    from dicom_studies import mr_slice
+
+    broken = mr_slice(np.zeros((8, 8)))
+    del broken.SeriesInstanceUID  # Orthanc needs it to file the instance
+    with pytest.raises(PacsError, match=r"answered 400 Bad Request .*failure reason 0xC000 \(cannot understand\)"):
+        Pacs(orthanc.dicomweb_url).store(broken)
 
 
 def test_a_second_watcher_on_the_same_state_is_refused(tmp_path):

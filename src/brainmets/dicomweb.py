@@ -24,6 +24,10 @@ RETRIES = 4  # tries per request: 1 + 2 + 4 s of backoff ride out a PACS restart
 BACKOFF_S = 0.5
 TIMEOUT_S = 60.0  # per request; a 40-slice series is a few MB
 IMAGE_MODALITIES = ("MR",)  # the models were trained on MRI; SEG, SR, PR... are never inputs
+# STOW-RS failure reasons (DICOM PS3.18 table I.2-1 and PS3.4 annex B)
+FAILURE_REASONS = {0x0110: "processing failure", 0x0122: "SOP class not supported", 0x0124: "not authorized",
+                   0xA700: "out of resources", 0xA900: "data set does not match SOP class",
+                   0xC000: "cannot understand", 0xC122: "transfer syntax not supported"}
 
 
 class PacsError(OSError):
@@ -100,7 +104,7 @@ class Pacs:
             return f"the PACS at {self.url} does not allow this user to {what} (403 Forbidden)"
         if status == 404:
             return f"the PACS at {self.url} has no such resource ({what}: 404 Not Found); is this its DICOMweb root?"
-        return f"the PACS at {self.url} answered {status} {response.reason} ({what}): {response.text[:300]}"
+        return f"the PACS at {self.url} answered {status} {response.reason} ({what}): {_server_reason(response.text)}"
 
     def studies(self) -> list[StudyRow]:
         """Every study, oldest first, with our SEGs found by their SeriesDescription (one query for all)."""
@@ -119,14 +123,13 @@ class Pacs:
                 for s in found if (uid := _value(s, "StudyInstanceUID"))]
         return sorted(rows, key=lambda r: (r.date, r.uid))
 
-    def image_series(self, study_uid: str) -> list[tuple[str, str]]:
-        """(SeriesInstanceUID, SeriesDescription) of the study's MR series."""
+    def image_series(self, study_uid: str) -> list[str]:
+        """The SeriesInstanceUIDs of the study's MR series."""
         found = self._call(f"search the series of study {study_uid}", self.client.search_for_series,
-                           study_instance_uid=study_uid, get_remaining=True, fields=["SeriesDescription"])
+                           study_instance_uid=study_uid, get_remaining=True)
         if not found:
             raise PacsError(f"the PACS at {self.url} has no study {study_uid}")
-        series = [(_value(s, "SeriesInstanceUID"), _value(s, "SeriesDescription", "")) for s in found
-                  if _value(s, "Modality") in IMAGE_MODALITIES]
+        series = [_value(s, "SeriesInstanceUID") for s in found if _value(s, "Modality") in IMAGE_MODALITIES]
         if not series:
             kinds = ", ".join(sorted({str(_value(s, "Modality", "?")) for s in found}))
             raise PacsError(f"study {study_uid} has no MR series to segment (its series: {kinds})")
@@ -135,16 +138,29 @@ class Pacs:
     def fetch_series(self, study_uid: str, series_uid: str) -> list[Dataset]:
         return self._call(f"retrieve series {series_uid}", self.client.retrieve_series, study_uid, series_uid)
 
-    def has_series(self, study_uid: str, series_uid: str) -> bool:
-        return bool(self._call(f"search study {study_uid}", self.client.search_for_series,
-                               study_instance_uid=study_uid, search_filters={"SeriesInstanceUID": series_uid}))
+    def store(self, seg: Dataset) -> None:
+        """STOW-RS our SEG; a refusal (an HTTP error, or a 200 listing it as failed) is a PacsError with the
+        server's reason."""
+        answer = self._call(f"store the SEG of study {seg.StudyInstanceUID}", self.client.store_instances, [seg])
+        if "FailedSOPSequence" in answer and len(answer.FailedSOPSequence):
+            raise PacsError(f"the PACS at {self.url} refused to store the SEG of study {seg.StudyInstanceUID}: "
+                            f"{_failure_reasons(answer)}")
 
-    def store(self, dataset: Dataset) -> None:
-        """STOW-RS one instance; a refusal, whole or partial, is a PacsError with the server's reason."""
-        answer = self._call(f"store {dataset.SOPInstanceUID}", self.client.store_instances, [dataset])
-        if failed := list(getattr(answer, "FailedSOPSequence", [])):
-            reasons = ", ".join(f"0x{int(f.FailureReason):04X}" if "FailureReason" in f else "not given" for f in failed)
-            raise PacsError(f"the PACS at {self.url} refused to store the SEG of study {dataset.StudyInstanceUID} "
-                            f"(STOW-RS failure reason {reasons})")
+
+def _failure_reasons(answer: Dataset) -> str:
+    codes = [int(item.get("FailureReason", -1)) for item in answer.FailedSOPSequence]
+    return "STOW-RS failure reason " + ", ".join(
+        f"0x{c:04X} ({FAILURE_REASONS.get(c, 'see the server log')})" if c >= 0 else "not given" for c in codes)
+
+
+def _server_reason(text: str) -> str:
+    """The server's answer on one line: a STOW-RS response's failure reasons, or the start of its text."""
+    try:
+        answer = Dataset.from_json(text)
+        if "FailedSOPSequence" in answer and len(answer.FailedSOPSequence):
+            return _failure_reasons(answer)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return " ".join(text.split())[:200] or "no reason given"
 
 

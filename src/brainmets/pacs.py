@@ -61,7 +61,7 @@ def segment_in_pacs(pacs: Pacs, predictor: Predictor, study_uid: str, version: s
     version = version or model_version(predictor)
     seconds, t0 = {}, time.perf_counter()
     progress("fetching")
-    datasets = [ds for uid, _ in pacs.image_series(study_uid) for ds in pacs.fetch_series(study_uid, uid)]
+    datasets = [ds for uid in pacs.image_series(study_uid) for ds in pacs.fetch_series(study_uid, uid)]
     seconds["fetch"], t0 = time.perf_counter() - t0, time.perf_counter()
     progress("segmenting")
     try:
