@@ -92,14 +92,14 @@ def mr_slice(pixels: np.ndarray, position=(0.0, 0.0, 0.0), orientation=(1, 0, 0,
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-    values = dict(
-        COMMON_TAGS, SeriesDescription=description, PatientID=patient_id, SliceThickness=slice_mm,
-        SpacingBetweenSlices=slice_mm, StudyInstanceUID=study_uid or generate_uid(),
-        SeriesInstanceUID=series_uid or generate_uid(), FrameOfReferenceUID=frame_uid or generate_uid(),
-        SeriesNumber=series_number, InstanceNumber=instance_number, ImagePositionPatient=[float(v) for v in position],
-        ImageOrientationPatient=[float(v) for v in orientation], SliceLocation=float(position[2]),
-        Rows=pixels.shape[0], Columns=pixels.shape[1], PixelSpacing=[pixel_mm, pixel_mm],
-        PixelData=np.asarray(pixels).astype("<u2").tobytes(), **tags)
+    values = {
+        **COMMON_TAGS, "SeriesDescription": description, "PatientID": patient_id, "SliceThickness": slice_mm,
+        "SpacingBetweenSlices": slice_mm, "StudyInstanceUID": study_uid or generate_uid(),
+        "SeriesInstanceUID": series_uid or generate_uid(), "FrameOfReferenceUID": frame_uid or generate_uid(),
+        "SeriesNumber": series_number, "InstanceNumber": instance_number,
+        "ImagePositionPatient": [float(v) for v in position], "ImageOrientationPatient": [float(v) for v in orientation],
+        "SliceLocation": float(position[2]), "Rows": pixels.shape[0], "Columns": pixels.shape[1],
+        "PixelSpacing": [pixel_mm, pixel_mm], "PixelData": np.asarray(pixels).astype("<u2").tobytes(), **tags}
     for key, value in values.items():
         setattr(ds, key, value)
     return ds

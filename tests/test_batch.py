@@ -135,16 +135,47 @@ def test_a_second_run_skips_what_is_done_and_redoes_what_a_crash_left(tree, tmp_
     assert [r["lesion_px"] for r in rows(out)] == [r["lesion_px"] for r in summary]
 
 
-def test_a_data_zip_is_segmented_in_place_without_its_masks(tmp_path, pixelwise):
-    archive = zip_folder(write_dataset(tmp_path / "d", patients=1, slices=3), tmp_path / "Data.zip")
+def test_a_data_zip_is_segmented_in_place_one_study_per_patient_without_its_masks(tmp_path, pixelwise):
+    archive = zip_folder(write_dataset(tmp_path / "d", patients=2, slices=3), tmp_path / "Data.zip")
     out = tmp_path / "out"
     jobs, passed = find_jobs([archive], out)
-    assert passed == {"ground-truth masks (*_mask)": 3}  # and no __MACOSX entry
+    assert passed == {"ground-truth masks (*_mask)": 6}  # and no __MACOSX entry
     summary = run_batch(jobs, out, "bright", progress=False, console=quiet())
-    assert summary.done == 3 and summary.failed == 0
-    patient = "TCGA_XX_1000_20000101"
-    assert [r["mask"] for r in summary.rows] == [f"Data/{patient}/{patient}_{n}.png" for n in (1, 2, 3)]
-    assert all(png(out / r["mask"]).shape == (64, 64) for r in summary.rows)
+    assert summary.done == 2 and summary.failed == 0 and summary.slices == 6
+    for row, patient in zip(rows(out), ("TCGA_XX_1000_20000101", "TCGA_XX_1001_20000102")):
+        assert (row["file"], row["kind"], row["slices"]) == (f"Data/{patient}", "study", "3")
+        assert row["mask"] == f"Data/{patient}_mask.nii.gz" and row["lesion_mm3"] == ""  # no voxel size in a TIFF
+        masks = [png(out / f"Data/{patient}/{patient}_{n}.png") for n in (1, 2, 3)]
+        assert all(m.shape == (64, 64) for m in masks)
+        stack = volume_mask(out / row["mask"])
+        assert stack.shape == (64, 64, 3) and int(row["lesion_px"]) == stack.sum() == sum((m > 0).sum() for m in masks)
+        np.testing.assert_array_equal(stack.transpose(2, 1, 0), np.stack(masks) > 0)
+        lesions = (out / f"Data/{patient}_lesions.csv").read_text().splitlines()
+        assert lesions[0].startswith("id,voxels,") and len(lesions) == 1 + int(row["lesions"])
+        assert not (out / f"Data/{patient}.seg.dcm").exists()
+
+
+def test_a_folder_of_dicom_series_is_one_study_with_a_seg(tmp_path, pixelwise):
+    from dicom_studies import mr_study, to_files, write_files
+
+    study = mr_study([brain(48, seed=s)[0] for s in range(4)])
+    files = to_files(study.datasets).values()  # three series in one folder, as some exports lay them out
+    write_files({f"IM{i:05d}": data for i, data in enumerate(files)}, tmp_path / "in" / "patient7")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "in"), "-m", "bright", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "1 file segmented (4 slices)" in result.output
+    (row,) = rows(out)
+    assert (row["file"], row["kind"], row["mask"]) == ("patient7", "study", "patient7_mask.nii.gz")
+    assert float(row["lesion_mm3"]) == pytest.approx(int(row["lesion_px"]) * 5.0 * 0.9375 ** 2, rel=1e-4)
+    import highdicom as hd
+
+    seg = hd.seg.segread(out / "patient7.seg.dcm")
+    flair = [d.SOPInstanceUID for d in study.series["AX T2 FLAIR"]]
+    mask = seg.get_pixels_by_source_instance(flair, segment_numbers=[1])[..., 0] > 0
+    np.testing.assert_array_equal(volume_mask(out / row["mask"]).transpose(2, 1, 0) > 0, mask)
+    assert int(row["lesion_px"]) == mask.sum() > 0
+    assert (out / "patient7_lesions.csv").read_text().count("\n") == 1 + int(row["lesions"])
 
 
 def test_inputs_that_cannot_be_told_apart_or_overwritten_are_refused(tmp_path):

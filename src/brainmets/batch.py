@@ -1,7 +1,10 @@
 """Segment a folder tree, a Data.zip or a list of files with N processes (`brainmets predict`).
 
     find_jobs  inputs -> one Job per file, its format sniffed from its first bytes and its mask's path
-               mirroring the inputs' tree: <name>.png per slice, <name>_mask.nii.gz per volume
+               mirroring the inputs' tree: <name>.png per slice, <name>_mask.nii.gz per volume; and one
+               Job per study: a folder of DICOM files, or of one patient's numbered slices (<patient>_<n>.tif),
+               segmented as one stack into <folder>_mask.nii.gz, <folder>_lesions.csv (3-D lesions),
+               <folder>.seg.dcm (DICOM input) and, for numbered slices, the <name>.png of each slice
     run_batch  the jobs through the inference engine, in this process (1 worker) or in N worker
                processes with a Predictor each; every mask is written atomically, and `summary.csv`
 
@@ -9,9 +12,10 @@ Restartable: a file whose mask exists and whose row in `summary.csv` says ok is 
 command run again after Ctrl-C, a crash or a full disk continues where the first one stopped. Rows are
 appended as files finish and the CSV is rewritten, one row per input, at the end.
 
-summary.csv: file (relative to the inputs' common folder), mask (relative to --out), kind (slice or
-volume), slices, lesions (8-connected in a slice, 26-connected in a volume), lesion_px (pixels of a slice,
-voxels of a volume), lesion_mm2 (slices with a known pixel spacing), lesion_mm3 (volumes), inference_ms
+summary.csv: file (relative to the inputs' common folder), mask (relative to --out), kind (slice,
+volume or study), slices, lesions (8-connected in a slice, 26-connected in a volume or study), lesion_px
+(pixels of a slice, voxels of a volume or study), lesion_mm2 (slices with a known pixel spacing), lesion_mm3
+(volumes, studies with a known voxel size), inference_ms
 (preprocessing, network, postprocessing; not reading or writing), status (ok or error), error.
 """
 
@@ -36,9 +40,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from scipy import ndimage
 
-from brainmets.data import IMAGE_EXTS, MASK_SUFFIX, Source, _ignored
-from brainmets.inference import Predictor
+from brainmets.data import IMAGE_EXTS, MASK_SUFFIX, SLICE_NUMBER, Source, _ignored
+from brainmets.inference import Predictor, encode_png
 from brainmets.readers import ACCEPTED, UnsupportedFormat, axial_slices, read_slice, read_volume, sniff
+from brainmets.study import study_from_files
+from brainmets.study_results import segment_study
 
 SUMMARY = "summary.csv"
 COLUMNS = ("file", "mask", "kind", "slices", "lesions", "lesion_px", "lesion_mm2", "lesion_mm3", "inference_ms",
@@ -52,9 +58,10 @@ class Job:
     source: Path  # the folder or zip the file is read from, through brainmets.data.Source
     key: str  # the file inside it (posix)
     file: str  # the input's path relative to the inputs' common folder, as --out mirrors it
-    kind: str  # 'slice' or 'volume'; '' when the format is unknown
+    kind: str  # 'slice', 'volume' or 'study'; '' when the format is unknown
     mask: str  # the output, relative to --out
     error: str = ""  # why the file is refused without trying: unreadable, no accepted format, a clashing name
+    members: tuple[tuple[str, str], ...] = ()  # a study's files: (key, file) each
 
 
 @dataclass
@@ -114,6 +121,7 @@ def find_jobs(inputs: Iterable[Path], out: Path) -> tuple[list[Job], Counter]:
         raise ValueError(f"--out {out} is the inputs' own folder: the masks would land among the inputs; "
                          f"choose another folder")
     jobs, passed, seen = [], Counter(), set()
+    formats: dict[str, str] = {}  # file -> its sniffed format
     for source_path, anchor, named in anchors:
         source = Source(source_path)
         prefix = anchor.relative_to(base)
@@ -129,7 +137,8 @@ def find_jobs(inputs: Iterable[Path], out: Path) -> tuple[list[Job], Counter]:
                 passed["ground-truth masks (*_mask)"] += 1
                 continue
             try:
-                kind = "volume" if sniff(_head(source, key)).startswith("nifti") else "slice"
+                formats[file] = sniff(_head(source, key))
+                kind = "volume" if formats[file].startswith("nifti") else "slice"
             except UnsupportedFormat as e:
                 if not named:
                     passed["files of no accepted format"] += 1
@@ -143,7 +152,28 @@ def find_jobs(inputs: Iterable[Path], out: Path) -> tuple[list[Job], Counter]:
     if not jobs:
         raise ValueError(f"no slice or volume found in {', '.join(str(p) for p in inputs)}: expected {ACCEPTED}"
                          + (f" (passed over: {_counts(passed)})" if passed else ""))
-    return _refuse_clashes(jobs), passed
+    return _refuse_clashes(_studies(jobs, formats, base.name)), passed
+
+
+def _studies(jobs: list[Job], formats: dict[str, str], root_name: str) -> list[Job]:
+    """The slices of a folder holding 2 or more DICOM files, or 2 or more numbered slices of one patient
+    (`<patient>_<n>.<ext>`), become one study job, in the place of its first file."""
+    folders: dict[tuple[Path, str], list[Job]] = {}
+    for job in jobs:
+        if job.kind == "slice" and not job.error:
+            folders.setdefault((job.source, str(PurePosixPath(job.file).parent)), []).append(job)
+    studies: dict[str, Job] = {}  # first member's file -> the study
+    for (source, folder), members in folders.items():
+        dicom = [j for j in members if formats[j.file] == "dicom"]
+        numbered = [j for j in members if formats[j.file] != "dicom" and SLICE_NUMBER.search(_stem(j.file))]
+        patients = {SLICE_NUMBER.sub("", _stem(PurePosixPath(j.file).name)) for j in numbered}
+        group = dicom if len(dicom) > 1 else numbered if len(numbered) > 1 and len(patients) == 1 else []
+        if group:
+            name = root_name if folder == "." else folder
+            studies[group[0].file] = Job(source, "", name, "study", f"{name}_mask.nii.gz",
+                                         members=tuple((j.key, j.file) for j in group))
+    grouped = {file for study in studies.values() for _, file in study.members}
+    return [studies.get(job.file, job) for job in jobs if job.file in studies or job.file not in grouped]
 
 
 def _head(source: Source, key: str) -> bytes:
@@ -261,8 +291,13 @@ def segment(predictor: Predictor, job: Job, out: Path, tta: bool = False) -> dic
     row's error; it never stops the batch."""
     row = _row(job, status="ok")
     try:
-        data = _source(job.source).read(job.key)
-        if job.kind == "volume":
+        data = _source(job.source).read(job.key) if job.key else b""
+        if job.kind == "study":
+            result = _segment_study(predictor, job, out, tta)
+            row.update(slices=len(result.study.slices), lesions=len(result.lesions), lesion_px=result.lesion_voxels,
+                       lesion_mm3="" if result.lesion_volume_mm3 is None else round(result.lesion_volume_mm3, 3))
+            payload = result.nifti_gz()
+        elif job.kind == "volume":
             volume = read_volume(data)
             result = predictor.predict_volume(volume, tta)
             _, lesions = ndimage.label(result.mask, np.ones((3, 3, 3)))  # 26-connected: 8-connected in 3-D
@@ -283,6 +318,21 @@ def segment(predictor: Predictor, job: Job, out: Path, tta: bool = False) -> dic
         row.update(slices="", lesions="", lesion_px="", lesion_mm2="", lesion_mm3="", inference_ms="",
                    status="error", error=str(e) if expected else f"{type(e).__name__}: {e}")
     return row
+
+
+def _segment_study(predictor: Predictor, job: Job, out: Path, tta: bool):
+    """A study in one engine call; its lesion table, its SEG (DICOM input) and each numbered slice's mask are
+    written here, the NIfTI mask by the caller, last, as the mark of a finished study."""
+    source = _source(job.source)
+    study = study_from_files(((key, source.read(key)) for key, _ in job.members), name=job.file)
+    result = segment_study(predictor, study, tta)
+    _write_atomic(out / f"{job.file}_lesions.csv", result.lesions_csv().encode())
+    if study.kind == "dicom":
+        _write_atomic(out / f"{job.file}.seg.dcm", result.dicom_seg())
+    file_of = dict(job.members)
+    for key, mask in zip(study.files, result.mask):
+        _write_atomic(out / mask_path(file_of[key], "slice"), encode_png(mask.astype(np.uint8) * 255))
+    return result
 
 
 @functools.lru_cache(maxsize=None)
@@ -346,9 +396,10 @@ def report(summary: Summary, passed: Counter, out: Path) -> list[str]:
         lines.append(f"passed over: {_counts(passed)}")
     ok = [r for r in summary.rows if r.get("status") == "ok"]
     with_lesions = [r for r in ok if int(r.get("lesions") or 0) > 0]
-    volumes = [r for r in ok if r.get("kind") == "volume"]
-    mm3 = sum(float(r.get("lesion_mm3") or 0) for r in volumes)
+    stacks = [r for r in ok if r.get("kind") in ("volume", "study")]
+    mm3 = sum(float(r.get("lesion_mm3") or 0) for r in stacks)
     lines.append(f"lesions found in {len(with_lesions)} of {_n(len(ok), 'file')}"
-                 + (f"; {mm3:.1f} mm³ of lesion in {_n(len(volumes), 'volume')}" if volumes else ""))
+                 + (f"; {mm3:.1f} mm³ of lesion in {_n(len(stacks), 'volume')} or stud{'y' if len(stacks) == 1 else 'ies'}"
+                    if stacks else ""))
     lines.append(f"masks and {SUMMARY} in {out}")
     return lines

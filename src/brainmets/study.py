@@ -93,6 +93,7 @@ class Study:
     reference: list[Dataset] = field(default_factory=list, repr=False)  # the FLAIR instances, in slice order
     volume: Volume | None = field(default=None, repr=False)  # NIfTI input: the grid the mask goes back to
     affine: np.ndarray | None = None  # other input: voxel (column, row, slice) -> RAS mm
+    files: list[str] = field(default_factory=list)  # numbered slices: the file each slice came from
 
 
 # --- DICOM -----------------------------------------------------------------------------------------------
@@ -344,7 +345,8 @@ def study_from_files(files: Iterable[tuple[str, bytes]], channels: Mapping[str, 
     """DICOM files of one study, or one patient's numbered slices (`<name>_<n>.tif`, masks passed over)."""
     ignored, dicoms, images = list(ignored), [], []
     for key, data in files:
-        if _ignored(key):
+        # `..` in a name is no hidden file: such names are only labels here, never paths written to.
+        if _ignored("/".join(part for part in key.split("/") if part not in ("", ".", ".."))):
             continue
         if data.startswith(ZIP_MAGIC):
             ignored.append(f"{key}: a zip inside the zip, not opened")
@@ -406,8 +408,9 @@ def _numbered_slices(images: list[tuple[str, bytes]], limits: Limits, name: str,
             raise StudyTooLarge(f"{len(numbered)} slices of {pixels[0].shape[1]}x{pixels[0].shape[0]}; the limit is "
                                 f"{limits.max_voxels:,} voxels")
     stack = _channels_8bit(np.stack(pixels), name)
-    return Study(name=name, kind="slices", slices=list(stack), spacing=None, channels=_file_channels(stack),
-                 warnings=warnings, ignored=ignored, affine=np.diag([-1.0, -1.0, 1.0, 1.0]))
+    return Study(name=name, kind="slices", slices=list(stack), spacing=None, channels=_file_channels(stack[0]),
+                 warnings=warnings, ignored=ignored, affine=np.diag([-1.0, -1.0, 1.0, 1.0]),
+                 files=[key for _, key, _ in numbered])
 
 
 def _channels_8bit(stack: np.ndarray, label: str) -> np.ndarray:
@@ -417,21 +420,22 @@ def _channels_8bit(stack: np.ndarray, label: str) -> np.ndarray:
     return np.stack([_to_8bit(stack[..., c], label) for c in range(min(stack.shape[-1], 3))], axis=-1)
 
 
-def _file_channels(stack: np.ndarray) -> list[ChannelSource]:
+def _file_channels(image: np.ndarray) -> list[ChannelSource]:
     """Three channels are taken in the model's order (the dataset's); one is FLAIR filling all three."""
-    if stack.ndim == 4 and stack.shape[-1] == 3:
+    if image.ndim == 3 and image.shape[-1] == 3:
         return [ChannelSource(c, None, f"channel {i} of the images", "file") for i, c in enumerate(CHANNELS)]
     return [ChannelSource(c, None, "the images' one channel" if c == "flair" else "FLAIR",
                           "file" if c == "flair" else "filled with FLAIR") for c in CHANNELS]
 
 
 def study_from_volume(volume: Volume, name: str = "study") -> Study:
-    """A NIfTI volume, sliced along its axis nearest inferior-superior as `predict_volume` does."""
+    """A NIfTI volume, sliced along its axis nearest inferior-superior as `predict_volume` does. Intensities
+    are left to `preprocess` (per slice), as the page shows a volume's slices and the single-slice route
+    segments them."""
     slices, (rows_mm, columns_mm) = axial_slices(volume)
-    stack = _channels_8bit(np.stack(slices), name)
     step = volume.voxel_mm3 / (rows_mm * columns_mm)
-    return Study(name=name, kind="nifti", slices=list(stack), spacing=(step, rows_mm, columns_mm),
-                 channels=_file_channels(stack), volume=volume)
+    return Study(name=name, kind="nifti", slices=slices, spacing=(step, rows_mm, columns_mm),
+                 channels=_file_channels(slices[0]), volume=volume)
 
 
 def study_from_upload(data: bytes, channels: Mapping[str, str] | None = None, limits: Limits = Limits(),

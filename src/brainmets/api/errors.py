@@ -10,9 +10,12 @@ from fastapi.responses import JSONResponse
 from brainmets.api.service import ModelNotInstalled, Overloaded
 from brainmets.inference import InputError
 from brainmets.readers import ImageReadError, ImageTooLarge, UnsupportedFormat
+from brainmets.study import StudyError, StudyTooLarge
 
 STATUS = {  # most specific first: a handler is looked up along the exception's class hierarchy
     ImageTooLarge: 413,
+    StudyTooLarge: 413,
+    StudyError: 422,
     UnsupportedFormat: 415,
     ImageReadError: 422,
     InputError: 422,

@@ -6,6 +6,9 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from brainmets.study import ChannelSource, SeriesInfo
+from brainmets.study_results import Lesion3D
+
 
 class ModelChoice(str, Enum):
     """The only model names a request may give; each maps through `brainmets.registry.resolve`."""
@@ -19,6 +22,12 @@ class ModelChoice(str, Enum):
 class OutputFormat(str, Enum):
     json = "json"
     png = "png"
+
+
+class StudyFormat(str, Enum):
+    json = "json"
+    nifti = "nifti"
+    dicom_seg = "dicom-seg"
 
 
 class Health(BaseModel):
@@ -69,6 +78,35 @@ class SegmentResponse(BaseModel):
     probability_png: str = Field(description="Base64 PNG, probability x 255, the input's size.",
                                  examples=[PNG_BASE64_EXAMPLE])
     inference_ms: float = Field(description="Preprocessing, network and lesion analysis.", examples=[14.2])
+
+
+class StudyResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str = Field(description="The model that answered (`best` is reported as the model it resolved to).",
+                       examples=["unetpp"])
+    kind: str = Field(description="What the upload held: `dicom` series, `slices` (numbered images of one "
+                                  "patient) or a `nifti` volume.", examples=["dicom"])
+    slices: int = Field(examples=[40])
+    rows: int = Field(examples=[256])
+    columns: int = Field(examples=[256])
+    spacing_mm: tuple[float, float, float] | None = Field(
+        description="(between slices, rows, columns); null when the input carries no geometry.",
+        examples=[[5.0, 0.94, 0.94]])
+    channels: list[ChannelSource] = Field(description="What fills each model channel (pre-contrast T1, FLAIR, "
+                                                      "post-contrast T1) and how it was chosen.")
+    series: list[SeriesInfo] = Field(description="Every image series of a DICOM study, used or not.")
+    lesions: list[Lesion3D] = Field(description="3-D lesions (26-connected), largest first; slices 0-based in the "
+                                                "study's order, centroid (slice, row, column).")
+    lesion_voxels: int = Field(examples=[7956])
+    lesion_volume_mm3: float | None = Field(description="Null when the voxel size is unknown.", examples=[34962.9])
+    slice_lesion_px: list[int] = Field(description="Lesion pixels in each slice, in the study's order.")
+    warnings: list[str] = Field(examples=[["series 2 'AX T2 FLAIR' (1.2.3): 1 gap(s) in slice positions, e.g. 10.00 "
+                                           "mm after slice 7 where the spacing is 5.00 mm (missing slices?)"]])
+    ignored: list[str] = Field(description="Files passed over, each with the reason.",
+                               examples=[["notes.txt: neither DICOM nor an image"]])
+    inference_ms: float = Field(description="The engine: preprocessing, network, post-processing, lesions.")
+    total_ms: float = Field(description="Reading the study, the engine and the answer.")
 
 
 class ErrorResponse(BaseModel):

@@ -7,14 +7,17 @@ import asyncio
 import base64
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from brainmets.api.schemas import LesionOut, ModelInfo, SegmentResponse
+from brainmets import study_results
+from brainmets.api.schemas import LesionOut, ModelInfo, SegmentResponse, StudyResponse
 from brainmets.config import TrainConfig
 from brainmets.inference import ENSEMBLE, Network, Prediction, Predictor
 from brainmets.readers import read_slice, read_volume
 from brainmets.registry import SHIPPED, best_name, models_dir, resolve, shipped_metrics
+from brainmets.study import Limits, study_from_upload, study_from_volume
 
 
 class ModelNotInstalled(LookupError):
@@ -139,9 +142,32 @@ def segment_png(models: Models, data: bytes, choice: str, tta: bool, max_pixels:
 
 
 def segment_volume(models: Models, data: bytes, choice: str, tta: bool, max_voxels: int) -> tuple[bytes, dict[str, str]]:
-    volume = read_volume(data, max_voxels)
-    predictor = models.predictor(choice)
-    p = predictor.predict_volume(volume, tta)
-    headers = {"X-Model": predictor.name, "X-Lesion-Volume-Mm3": f"{p.lesion_volume_mm3:.2f}",
-               "X-Lesion-Voxels": str(p.lesion_voxels), "X-Inference-Ms": f"{p.seconds * 1000:.1f}"}
-    return p.nifti_gz(), headers
+    """The study path, for a NIfTI volume only (this route has always refused anything else)."""
+    result = study_results.segment_study(models.predictor(choice), study_from_volume(read_volume(data, max_voxels)), tta)
+    volume = result.on_grid()
+    headers = {"X-Model": result.model, "X-Lesion-Volume-Mm3": f"{volume.lesion_volume_mm3:.2f}",
+               "X-Lesion-Voxels": str(volume.lesion_voxels), "X-Inference-Ms": f"{result.seconds * 1000:.1f}"}
+    return volume.nifti_gz(), headers
+
+
+def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: Limits,
+                  channels: dict[str, str], output: str) -> StudyResponse | tuple[bytes, str, dict[str, str]]:
+    """A zip of DICOM series or numbered slices, or a NIfTI volume: the JSON answer, or for `output` nifti or
+    dicom-seg the file with its media type and headers."""
+    t0 = time.perf_counter()
+    study = study_from_upload(data, channels, limits)
+    result = study_results.segment_study(models.predictor(choice), study, tta)
+    if output != "json":
+        body, media_type, ext = ((result.nifti_gz(), "application/gzip", "_mask.nii.gz") if output == "nifti"
+                                 else (result.dicom_seg(), "application/dicom", ".seg.dcm"))
+        return body, media_type, {"X-Model": result.model, "X-Lesion-Count": str(len(result.lesions)),
+                                  "X-Lesion-Voxels": str(result.lesion_voxels),
+                                  "X-Inference-Ms": f"{result.seconds * 1000:.1f}",
+                                  "Content-Disposition": f'attachment; filename="study{ext}"'}
+    rows, columns = result.mask.shape[1:]
+    return StudyResponse(
+        model=result.model, kind=study.kind, slices=len(study.slices), rows=rows, columns=columns,
+        spacing_mm=study.spacing, channels=study.channels, series=study.series, lesions=result.lesions,
+        lesion_voxels=result.lesion_voxels, lesion_volume_mm3=result.lesion_volume_mm3,
+        slice_lesion_px=result.slice_lesion_px, warnings=study.warnings, ignored=study.ignored,
+        inference_ms=result.seconds * 1000, total_ms=(time.perf_counter() - t0) * 1000)

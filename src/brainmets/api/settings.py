@@ -4,6 +4,8 @@
     BRAINMETS_MAX_UPLOAD_MB      request body limit, enforced while the body streams in (50)
     BRAINMETS_MAX_PIXELS         largest slice a header may declare, decompression-bomb guard (25 M)
     BRAINMETS_MAX_VOXELS         largest NIfTI volume a header may declare (64 Mi)
+    BRAINMETS_MAX_SLICES         most slices in one series of a study (1000)
+    BRAINMETS_MAX_UNZIPPED_MB    most bytes a study's zip may inflate to (1024)
     BRAINMETS_THREADS            threads of one inference (0: one per physical core)
     BRAINMETS_WORKERS            inferences at once; workers x threads should not exceed the cores (1)
     BRAINMETS_QUEUE              requests that may wait for a worker; beyond them: 503 + Retry-After (32)
@@ -25,6 +27,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from brainmets.readers import MAX_PIXELS, MAX_VOXELS
 from brainmets.registry import models_dir
+from brainmets.study import Limits
 
 
 class Settings(BaseSettings):
@@ -33,6 +36,8 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(50.0, gt=0)
     max_pixels: int = Field(MAX_PIXELS, gt=0)
     max_voxels: int = Field(MAX_VOXELS, gt=0)
+    max_slices: int = Field(Limits.max_slices, gt=0)
+    max_unzipped_mb: float = Field(Limits.max_bytes / 2**20, gt=0)
     threads: int = Field(0, ge=0)
     workers: int = Field(1, ge=1)
     queue: int = Field(32, ge=0)
@@ -46,6 +51,11 @@ class Settings(BaseSettings):
     def models(self) -> Path:
         """BRAINMETS_MODELS, read by `brainmets.registry`: the only place where model names become paths."""
         return models_dir()
+
+    @property
+    def study_limits(self) -> Limits:
+        return Limits(max_slices=self.max_slices, max_bytes=int(self.max_unzipped_mb * 2**20),
+                      max_pixels=self.max_pixels, max_voxels=self.max_voxels)
 
     @property
     def max_upload_bytes(self) -> int:

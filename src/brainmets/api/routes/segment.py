@@ -5,7 +5,7 @@ from fastapi.responses import Response
 
 from brainmets.api import service
 from brainmets.api.deps import ModelsDep, PoolDep, SettingsDep
-from brainmets.api.schemas import ErrorResponse, ModelChoice, OutputFormat, SegmentResponse
+from brainmets.api.schemas import ErrorResponse, ModelChoice, OutputFormat, SegmentResponse, StudyFormat, StudyResponse
 from brainmets.readers import ACCEPTED
 
 router = APIRouter(prefix="/segment", tags=["segment"])
@@ -60,3 +60,38 @@ async def segment_volume(
                                    settings.max_voxels)
     return Response(body, media_type="application/gzip",
                     headers={**headers, "Content-Disposition": 'attachment; filename="mask.nii.gz"'})
+
+
+def _channel_query(channel: str) -> object:
+    return Query(description=f"The series that fills the {channel} channel: its SeriesNumber, SeriesDescription or "
+                             f"SeriesInstanceUID; `none` fills it with FLAIR. Unset: chosen from the series' tags.")
+
+
+@router.post("/study", response_model=StudyResponse, summary="Segment a whole study",
+             responses={200: {"content": {"application/gzip": {}, "application/dicom": {}},
+                              "description": "JSON; with `format=nifti` the mask as .nii.gz on the input's grid; "
+                                             "with `format=dicom-seg` a DICOM SEG referencing the FLAIR series."},
+                        **ERRORS})
+async def segment_study(
+    file: Annotated[UploadFile, File(description="A zip of one study's DICOM files (any folders, any names) or of "
+                                                 "one patient's numbered slices (<name>_<n>.tif), or a NIfTI volume.")],
+    models: ModelsDep, pool: PoolDep, settings: SettingsDep,
+    model: ModelQuery = ModelChoice.best, tta: TtaQuery = False,
+    format: Annotated[StudyFormat, Query(description="`json`, `nifti` (the mask) or `dicom-seg` (DICOM input "
+                                                     "only).")] = StudyFormat.json,
+    t1_pre: Annotated[str | None, _channel_query("pre-contrast T1")] = None,
+    flair: Annotated[str | None, _channel_query("FLAIR")] = None,
+    t1_post: Annotated[str | None, _channel_query("post-contrast T1")] = None,
+):
+    """One engine call over the study's slices, then its 3-D lesions: id, voxels, volume in mm³, first and last
+    slice, largest axial diameter, centroid, mean probability; the channel assignment, per-slice lesion areas,
+    warnings (gaps in positions, channels filled with FLAIR) and what was passed over in the upload."""
+    data = await file.read()
+    channels = {name: value for name, value in (("t1_pre", t1_pre), ("flair", flair), ("t1_post", t1_post))
+                if value is not None}
+    answer = await pool.run(settings.volume_timeout_s, service.segment_study, models, data, model.value, tta,
+                            settings.study_limits, channels, format.value)
+    if isinstance(answer, StudyResponse):
+        return answer
+    body, media_type, headers = answer
+    return Response(body, media_type=media_type, headers=headers)

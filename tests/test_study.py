@@ -1,0 +1,218 @@
+"""Studies in: DICOM series built as a scanner writes them, numbered slices, NIfTI; hostile zips refused."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import synthetic_slice, write_dataset
+from dicom_studies import SEQUENCES, mr_slice, mr_study, to_bytes, to_files, write_files, zip_bytes
+from samples import nifti
+
+from brainmets.study import (CHANNELS, Limits, StudyError, StudyTooLarge, classify, open_study, study_from_datasets,
+                             study_from_files, study_from_upload)
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def slices() -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [synthetic_slice(rng, SIZE, lesion=k in (2, 3))[0] for k in range(6)]
+
+
+@pytest.fixture(scope="module")
+def study(slices):
+    return mr_study(slices)
+
+
+def test_a_dicom_study_is_ordered_along_the_normal_and_its_series_fill_the_channels(slices, study):
+    s = study_from_datasets(study.datasets)  # shuffled
+    assert s.kind == "dicom" and len(s.slices) == len(slices)
+    for got, want in zip(s.slices, slices):
+        np.testing.assert_array_equal(got, want)  # channel k of the image came from the series made of channel k
+    assert s.spacing == (5.0, 0.9375, 0.9375)
+    assert [(c.channel, c.description, c.how) for c in s.channels] == [
+        ("t1_pre", "AX T1 SE PRE", "description"), ("flair", "AX T2 FLAIR", "description"),
+        ("t1_post", "AX T1 SE POST GAD", "description")]
+    assert [d.SOPInstanceUID for d in s.reference] == [d.SOPInstanceUID for d in study.series["AX T2 FLAIR"]]
+    assert {x.used_as for x in s.series} == set(CHANNELS) and s.warnings == [] and s.ignored == []
+    # voxel (column, row, slice) -> RAS: LPS origin (-120, -120, -60) becomes (120, 120, -60)
+    np.testing.assert_allclose(s.affine @ [0, 0, 2, 1], [120, 120, -50, 1])
+    np.testing.assert_allclose(np.diag(s.affine)[:3], [-0.9375, -0.9375, 5.0])
+
+
+def test_slices_are_ordered_by_position_not_by_instance_number(slices):
+    """A feet-first or reversed export numbers instances against the positions."""
+    reversed_numbers = [(d, ch, {**tags, "InstanceNumber": 1}) for d, ch, tags in SEQUENCES[1:2]]
+    study = mr_study(slices, sequences=reversed_numbers)
+    s = study_from_datasets(study.datasets[::-1])
+    np.testing.assert_array_equal(s.slices[0][..., 1], slices[0][..., 1])
+    assert s.channels[1].how == "description" and [c.how for c in s.channels[::2]] == ["filled with FLAIR"] * 2
+
+
+@pytest.mark.parametrize("tags, expected", [
+    (dict(SeriesDescription="t2_tirm_tra_dark-fluid"), ("flair", "description")),
+    (dict(SeriesDescription="AX T1 FLAIR"), ("t1_pre", "description")),  # T1-weighted FLAIR is a T1
+    (dict(SeriesDescription="T1 MPRAGE +C"), ("t1_post", "description")),
+    (dict(SeriesDescription="T1 PRE-CONTRAST"), ("t1_pre", "description")),
+    (dict(SeriesDescription="T1 AX", ContrastBolusAgent="Gadovist"), ("t1_post", "description")),
+    (dict(SeriesDescription="Series 7", ScanningSequence=["SE", "IR"], InversionTime=2500), ("flair", "sequence tags")),
+    (dict(SeriesDescription="Series 8", ScanningSequence="IR", InversionTime=800), (None, "")),
+    (dict(SeriesDescription="AX DWI"), (None, "")),
+])
+def test_series_are_classified_from_description_and_sequence_tags(tags, expected):
+    assert classify(mr_slice(np.zeros((4, 4)), **tags)) == expected
+
+
+def test_flair_only_fills_every_channel(slices):
+    study = mr_study(slices, sequences=SEQUENCES[1:2])
+    s = study_from_datasets(study.datasets)
+    assert [c.how for c in s.channels] == ["filled with FLAIR", "description", "filled with FLAIR"]
+    for got, want in zip(s.slices, slices):
+        assert (got == want[..., 1:2]).all()
+
+
+def test_a_lone_unlabelled_series_is_taken_as_flair_with_a_warning(slices):
+    study = mr_study(slices, sequences=[("Series 1", 1, {})])
+    s = study_from_datasets(study.datasets)
+    assert s.channels[1].how == "only series" and "segmented as FLAIR" in s.warnings[0]
+
+
+def test_an_explicit_assignment_wins(slices, study):
+    # The post-contrast series (number 3) given as FLAIR, pre-contrast T1 given up for FLAIR.
+    s = study_from_datasets(study.datasets, {"flair": "3", "t1_pre": "none"})
+    assert [(c.description, c.how) for c in s.channels] == [
+        ("FLAIR", "filled with FLAIR"), ("AX T1 SE POST GAD", "explicit"), ("FLAIR", "filled with FLAIR")]
+    np.testing.assert_array_equal(s.slices[0][..., 1], slices[0][..., 2])
+    s = study_from_datasets(study.datasets, {"t1_post": study.uid_of("AX T1 SE PRE")})
+    assert s.channels[2].description == "AX T1 SE PRE"
+    with pytest.raises(StudyError, match=r"flair='T2 AX' matches no series; the study holds: series 1 'AX T1 SE PRE'"):
+        study_from_datasets(study.datasets, {"flair": "T2 AX"})
+    with pytest.raises(StudyError, match="unknown channel 'dwi'"):
+        study_from_datasets(study.datasets, {"dwi": "1"})
+
+
+def test_several_unlabelled_series_ask_which_is_flair(slices):
+    study = mr_study(slices, sequences=[("Series 1", 0, {}), ("Series 2", 1, {})])
+    with pytest.raises(StudyError, match="no FLAIR series among .*flair=<series number"):
+        study_from_datasets(study.datasets)
+
+
+def test_a_series_off_the_flair_grid_is_replaced_by_flair(slices):
+    study = mr_study(slices[:4], sequences=SEQUENCES[:1])
+    flair = mr_study(slices, sequences=SEQUENCES[1:2])
+    s = study_from_datasets(study.datasets + flair.datasets)
+    assert s.channels[0].how == "filled with FLAIR" and "not on the FLAIR series' grid" in s.warnings[0]
+
+
+def _series(slices, **per_slice):
+    """One FLAIR series; per_slice maps a tag to one value per slice."""
+    uid = pydicom.uid.generate_uid()
+    return [mr_slice(image[..., 1], position=(0, 0, 5.0 * k), series_uid=uid, instance_number=k + 1,
+                     **{tag: values[k] for tag, values in per_slice.items()})
+            for k, image in enumerate(slices)]
+
+
+def test_geometry_errors_name_the_series_and_the_problem(slices):
+    orientations = [[1, 0, 0, 0, 1, 0]] * 5 + [[1, 0, 0, 0, 0, -1]]
+    with pytest.raises(StudyError, match="mixes slice orientations"):
+        study_from_datasets(_series(slices, ImageOrientationPatient=orientations))
+    datasets = _series(slices)
+    datasets[2].Rows, datasets[2].Columns = 24, 96
+    with pytest.raises(StudyError, match="mixes slice sizes 24x96, 48x48"):
+        study_from_datasets(datasets)
+    positions = [[0, 0, 5.0 * k] for k in (0, 1, 2, 2, 3, 4)]
+    with pytest.raises(StudyError, match="two slices at position 10.00 mm"):
+        study_from_datasets(_series(slices, ImagePositionPatient=positions))
+
+
+def test_a_gap_in_positions_is_a_warning(slices):
+    positions = [[0, 0, 5.0 * k] for k in (0, 1, 2, 4, 5, 6)]
+    s = study_from_datasets(_series(slices, ImagePositionPatient=positions))
+    assert len(s.slices) == 6 and s.spacing[0] == 5.0
+    assert "1 gap(s) in slice positions, e.g. 10.00 mm after slice 2 where the spacing is 5.00 mm" in s.warnings[0]
+
+
+def test_too_many_slices_or_voxels_are_refused(slices):
+    with pytest.raises(StudyTooLarge, match="has 6 slices; the limit is 5 per series"):
+        study_from_datasets(_series(slices), limits=Limits(max_slices=5))
+    with pytest.raises(StudyTooLarge, match="48x48x6 voxels; the limit is 10,000"):
+        study_from_datasets(_series(slices), limits=Limits(max_voxels=10_000))
+
+
+def test_a_zip_with_junk_nested_zips_and_traversal_names_reads_the_study_and_lists_the_rest(slices, study, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = to_files(study.datasets)
+    files = {("../../" * 3 + name if i % 2 else name): data for i, (name, data) in enumerate(files.items())}
+    files.update({"README.txt": b"exported by PACS", "DICOMDIR.zip": zip_bytes({"x": b"y"}),
+                  "__MACOSX/._IM1": b"\x00\x05\x16\x07", "/etc/passwd": b"root:x:0:0"})
+    s = study_from_upload(zip_bytes(files))
+    assert len(s.slices) == len(slices) and [c.how for c in s.channels] == ["description"] * 3
+    assert sorted(s.ignored) == ["/etc/passwd: neither DICOM nor an image", "DICOMDIR.zip: a zip inside the zip, not opened",
+                                 "README.txt: neither DICOM nor an image"]
+    assert os.listdir(tmp_path) == []  # nothing extracted anywhere
+
+
+def test_zip_bombs_and_oversize_zips_are_refused_before_inflating():
+    bomb = zip_bytes({"IM1": bytes(50 * 2**20)})  # 50 MB of zeros deflate to 50 KB
+    with pytest.raises(StudyTooLarge, match=r"zip entry 'IM1' inflates 1,0\d\d-fold \(a zip bomb\?\); the limit is 200-fold"):
+        study_from_upload(bomb)
+    with pytest.raises(StudyTooLarge, match="inflates to 52,428,800 bytes; the limit is 1,000,000"):
+        study_from_upload(bomb, limits=Limits(max_bytes=1_000_000))
+    many = zip_bytes({f"f{i}": b"" for i in range(30)}, zipfile.ZIP_STORED)
+    with pytest.raises(StudyTooLarge, match="the zip holds 30 files; the limit is 20"):
+        study_from_upload(many, limits=Limits(max_entries=20))
+
+
+def test_a_zip_of_nothing_usable_says_what_was_passed_over():
+    with pytest.raises(StudyError, match=r"no DICOM file or image found: expected .*\(passed over: a.txt: neither"):
+        study_from_upload(zip_bytes({"a.txt": b"hello", "b/": b""}))
+    sr = mr_slice(np.zeros((4, 4)))
+    del sr.PixelData
+    with pytest.raises(StudyError, match="no DICOM image found.*no pixel data"):
+        study_from_files([("sr.dcm", to_bytes(sr))])
+
+
+def test_a_patient_folder_of_numbered_slices_is_one_study(tmp_path):
+    write_dataset(tmp_path, patients=1, slices=12, size=32)
+    folder = next((tmp_path / "Data").iterdir())
+    s = open_study(folder)
+    assert s.kind == "slices" and len(s.slices) == 12 and s.spacing is None
+    assert len(s.ignored) == 12 and all("ground-truth mask" in why for why in s.ignored)
+    assert [c.how for c in s.channels] == ["file"] * 3
+    from brainmets.data import open_dataset
+
+    dataset = open_dataset(folder)  # the dataset's own order, 1..12 numerically (not 1, 10, 11, 12, 2...)
+    for got, pair in zip(s.slices, dataset.slices):
+        np.testing.assert_array_equal(got, dataset.read_image(pair))
+    (folder / f"{folder.name}_5.tif").unlink()
+    assert "miss 1 slice(s): a gap" in open_study(folder).warnings[0]
+
+
+def test_a_dicom_folder_and_a_nifti_file_open_as_studies(study, tmp_path):
+    s = open_study(write_files(to_files(study.datasets), tmp_path / "export"))
+    assert s.kind == "dicom" and s.name == "export" and len(s.series) == 3
+    path = tmp_path / "brain.nii.gz"
+    path.write_bytes(nifti(np.zeros((20, 24, 3), np.int16), np.diag([0.9, 0.8, 3.0, 1.0])))
+    s = open_study(path)
+    assert s.kind == "nifti" and s.name == "brain" and len(s.slices) == 3 and s.spacing == pytest.approx((3.0, 0.8, 0.9))
+    assert s.slices[0].shape == (24, 20)
+
+
+def test_a_file_that_is_no_study_is_refused():
+    with pytest.raises(ValueError, match="unsupported study: expected a zip of DICOM files"):
+        study_from_upload(b"hello")
+    with pytest.raises(StudyError, match="broken zip"):
+        study_from_upload(b"PK\x03\x04" + bytes(30))
+
+
+def test_the_datasets_of_a_pacs_are_read_as_they_come(study):
+    """dicomweb-client returns datasets already parsed: no bytes, no file names."""
+    s = study_from_datasets([pydicom.dcmread(io.BytesIO(to_bytes(d))) for d in study.datasets], name="pacs")
+    assert s.name == "pacs" and len(s.reference) == 6
