@@ -336,3 +336,71 @@ def test_cli_segment_with_orthanc_stopped_names_the_url(orthanc, credentials, mo
     credentials.setenv("BRAINMETS_MODELS", str(models_root))
     result = pacs_cli("segment", a.study_uid, "--url", orthanc.dicomweb_url, "--model", "attention-unet", code=2)
     assert f"the PACS at {orthanc.dicomweb_url} is not reachable" in result.stderr and "4 tries" in result.stderr
+
+
+# --- the API's /v1/pacs, in-process ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def pacs_api(orthanc, models_root, credentials):
+    from conftest import api_client
+
+    yield from api_client(models_root, dicomweb_url=orthanc.dicomweb_url, preload=False)
+
+
+def test_api_lists_and_segments_a_study_and_the_seg_is_in_the_pacs(pacs_api, orthanc):
+    a, b = study(1), study(2)
+    upload(orthanc, a, b)
+    listed = pacs_api.get("/v1/pacs/studies").json()
+    assert listed["url"] == orthanc.dicomweb_url
+    assert [(s["uid"], s["brainmets_segs"]) for s in listed["studies"]] == sorted(
+        [(a.study_uid, []), (b.study_uid, [])])
+    answer = pacs_api.post(f"/v1/pacs/studies/{a.study_uid}/segment", params={"model": "attention-unet"}).json()
+    assert answer["study_uid"] == a.study_uid and answer["slices"] == SLICES and answer["model"] == "attention-unet"
+    assert answer["stored_at"] == f"{orthanc.dicomweb_url}/studies/{a.study_uid}/series/{answer['seg_series_uid']}"
+    assert sum(answer["slice_lesion_px"]) == answer["lesion_voxels"] > 0
+    assert [s["MainDicomTags"]["SeriesInstanceUID"] for s in our_segs(orthanc)[a.study_uid]] == [answer["seg_series_uid"]]
+    segs = {s["uid"]: s["brainmets_segs"] for s in pacs_api.get("/v1/pacs/studies").json()["studies"]}
+    assert segs == {a.study_uid: [answer["model_version"]], b.study_uid: []}
+
+
+@pytest.mark.parametrize("uid, status, detail", [
+    ("1.2.3.4", 404, "has no study 1.2.3.4"),
+    ("1.2.x", 422, "study_uid"),
+])
+def test_api_pacs_errors(pacs_api, uid, status, detail):
+    response = pacs_api.post(f"/v1/pacs/studies/{uid}/segment")
+    assert response.status_code == status and detail in response.json()["detail"]
+
+
+def test_api_study_without_mr_is_422(pacs_api, orthanc):
+    ct = study(3, slices=2, sequences=[("HEAD CT", 0, {"Modality": "CT"})])
+    upload(orthanc, ct)
+    response = pacs_api.post(f"/v1/pacs/studies/{ct.study_uid}/segment")
+    assert response.status_code == 422 and "no MR series" in response.json()["detail"]
+
+
+def test_api_without_a_pacs_says_how_to_configure_one(models_root, credentials):
+    from conftest import api_client
+
+    for client in api_client(models_root, preload=False):  # one client, closed when the loop ends
+        response = client.get("/v1/pacs/studies")
+    assert response.status_code == 404 and "BRAINMETS_DICOMWEB_URL" in response.json()["detail"]
+
+
+@pytest.mark.slow
+def test_api_health_answers_while_a_pacs_job_waits_on_a_dead_pacs(pacs_api, orthanc):
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = study(1)
+    upload(orthanc, a)
+    orthanc.stop(graceful=False)
+    with ThreadPoolExecutor(1) as executor:
+        job = executor.submit(pacs_api.post, f"/v1/pacs/studies/{a.study_uid}/segment")
+        time.sleep(0.5)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            assert pacs_api.get("/health").status_code == 200 and time.perf_counter() - t0 < 1.0
+            assert not job.done()
+        response = job.result(timeout=60)
+    assert response.status_code == 502 and f"the PACS at {orthanc.dicomweb_url} is not reachable" in response.json()["detail"]

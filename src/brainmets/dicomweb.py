@@ -43,6 +43,18 @@ class AccessDenied(PacsError):
     """401 or 403: the credentials, not the study, are the problem."""
 
 
+class NotConfigured(PacsError):
+    """No DICOMweb address was given."""
+
+
+class StudyNotFound(PacsError):
+    """The server holds no study with this UID."""
+
+
+class UnusableStudy(PacsError):
+    """The study is there but cannot be segmented: no MR series, or series the study reader refuses."""
+
+
 def _value(item: dict, keyword: str, default=None):
     """One attribute of a DICOM JSON search result (PatientName as its alphabetic string)."""
     values = item.get(f"{tag_for_keyword(keyword):08X}", {}).get("Value") or [default]
@@ -70,7 +82,7 @@ class Pacs:
                  timeout_s: float = TIMEOUT_S):
         url = url or os.environ.get(URL_ENV)
         if not url:
-            raise PacsError(f"no DICOMweb address: pass --url or set ${URL_ENV} (e.g. http://localhost:8042/dicom-web)")
+            raise NotConfigured(f"no DICOMweb address: set ${URL_ENV} (or pass --url), e.g. http://localhost:8042/dicom-web")
         self.url, self.retries, self.backoff_s = url.rstrip("/"), max(1, retries), backoff_s
         session = requests.Session()
         if token := os.environ.get(TOKEN_ENV):
@@ -128,11 +140,11 @@ class Pacs:
         found = self._call(f"search the series of study {study_uid}", self.client.search_for_series,
                            study_instance_uid=study_uid, get_remaining=True)
         if not found:
-            raise PacsError(f"the PACS at {self.url} has no study {study_uid}")
+            raise StudyNotFound(f"the PACS at {self.url} has no study {study_uid}")
         series = [_value(s, "SeriesInstanceUID") for s in found if _value(s, "Modality") in IMAGE_MODALITIES]
         if not series:
             kinds = ", ".join(sorted({str(_value(s, "Modality", "?")) for s in found}))
-            raise PacsError(f"study {study_uid} has no MR series to segment (its series: {kinds})")
+            raise UnusableStudy(f"study {study_uid} has no MR series to segment (its series: {kinds})")
         return series
 
     def fetch_series(self, study_uid: str, series_uid: str) -> list[Dataset]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from brainmets.dicomweb import SEG_DESCRIPTION, AccessDenied, Pacs, PacsError, PacsUnreachable
+from brainmets.dicomweb import SEG_DESCRIPTION, AccessDenied, Pacs, PacsError, PacsUnreachable, UnusableStudy
 from brainmets.inference import Predictor, file_sha256
 from brainmets.study import study_from_datasets
 from brainmets.study_results import StudyResult, segment_study
@@ -47,6 +47,7 @@ def seg_uids(study_uid: str, version: str) -> tuple[str, str]:
 @dataclass
 class Segmented:
     study_uid: str
+    version: str  # the model's, as `model_version`
     seg_series_uid: str
     result: StudyResult
     seconds: dict[str, float]  # fetch, segment, store
@@ -68,7 +69,7 @@ def segment_in_pacs(pacs: Pacs, predictor: Predictor, study_uid: str, version: s
         result = segment_study(predictor, study_from_datasets(datasets, name=study_uid), tta)
         seg = dcmread(io.BytesIO(result.dicom_seg()))
     except ValueError as e:  # the study's fault: StudyError, ImageReadError, InputError
-        raise PacsError(f"study {study_uid} cannot be segmented: {e}") from None
+        raise UnusableStudy(f"study {study_uid} cannot be segmented: {e}") from None
     seg.SeriesInstanceUID, seg.SOPInstanceUID = seg_uids(study_uid, version)
     seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
     seg.SeriesDescription = f"{SEG_DESCRIPTION} {version}"
@@ -76,7 +77,7 @@ def segment_in_pacs(pacs: Pacs, predictor: Predictor, study_uid: str, version: s
     progress("storing")
     pacs.store(seg)
     seconds["store"] = time.perf_counter() - t0
-    return Segmented(study_uid, seg.SeriesInstanceUID, result, seconds)
+    return Segmented(study_uid, version, seg.SeriesInstanceUID, result, seconds)
 
 
 # --- watch ------------------------------------------------------------------------------------------------

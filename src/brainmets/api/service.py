@@ -164,10 +164,15 @@ def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: L
                                   "X-Lesion-Voxels": str(result.lesion_voxels),
                                   "X-Inference-Ms": f"{result.seconds * 1000:.1f}",
                                   "Content-Disposition": f'attachment; filename="study{ext}"'}
+    return study_response(result, time.perf_counter() - t0)
+
+
+def study_response(result: study_results.StudyResult, total_s: float) -> StudyResponse:
+    study = result.study
     rows, columns = result.mask.shape[1:]
     return StudyResponse(
         model=result.model, kind=study.kind, slices=len(study.slices), rows=rows, columns=columns,
         spacing_mm=study.spacing, channels=study.channels, series=study.series, lesions=result.lesions,
         lesion_voxels=result.lesion_voxels, lesion_volume_mm3=result.lesion_volume_mm3,
         slice_lesion_px=result.slice_lesion_px, warnings=study.warnings, ignored=study.ignored,
-        inference_ms=result.seconds * 1000, total_ms=(time.perf_counter() - t0) * 1000)
+        inference_ms=result.seconds * 1000, total_ms=total_s * 1000)

@@ -14,6 +14,8 @@
     BRAINMETS_CORS_ORIGINS       JSON list of browser origins allowed to call the API ([]: none)
     BRAINMETS_RUNTIME            auto | onnxruntime | torch (auto: ONNX Runtime where exported)
     BRAINMETS_PRELOAD            load every installed model at start-up rather than on first use (true)
+    BRAINMETS_DICOMWEB_URL       the PACS of /v1/pacs (DICOMweb base URL; unset: no PACS); credentials in
+                                 BRAINMETS_DICOMWEB_USER and _PASSWORD, or _TOKEN, read by brainmets.dicomweb
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []
     runtime: Literal["auto", "onnxruntime", "torch"] = "auto"
     preload: bool = True
+    dicomweb_url: str | None = None
 
     @property
     def models(self) -> Path:
