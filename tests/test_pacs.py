@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -404,3 +405,49 @@ def test_api_health_answers_while_a_pacs_job_waits_on_a_dead_pacs(pacs_api, orth
             assert not job.done()
         response = job.result(timeout=60)
     assert response.status_code == 502 and f"the PACS at {orthanc.dicomweb_url} is not reachable" in response.json()["detail"]
+
+
+# --- the page's PACS view, against the real API and Orthanc ----------------------------------------------
+
+
+@pytest.fixture
+def pacs_api_server(orthanc, models_root, tmp_path):
+    from brainmets.app.launch import serve_command, stop, wait_until_up
+
+    port = free_port()
+    env = {**os.environ, "BRAINMETS_MODELS": str(models_root), "BRAINMETS_THREADS": "1",
+           "BRAINMETS_DICOMWEB_URL": orthanc.dicomweb_url}
+    with (tmp_path / "api.log").open("w") as log:
+        process = subprocess.Popen(serve_command("127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process, "API", timeout_s=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop([process])
+
+
+@pytest.mark.slow
+def test_page_lists_the_pacs_studies_and_segments_one_on_click(pacs_api_server, orthanc, tmp_path, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    import brainmets.app
+
+    a, b = study(1), study(2)
+    upload(orthanc, a, b)
+    monkeypatch.setenv("BRAINMETS_API", pacs_api_server)
+    monkeypatch.setenv("BRAINMETS_DOCS", str(tmp_path))
+    st.cache_data.clear()
+    page = AppTest.from_file(str(Path(brainmets.app.__file__).with_name("page.py")), default_timeout=60).run()
+    view = page.tabs[2]
+    assert view.label == "PACS" and f"PACS `{orthanc.dicomweb_url}`: 2 studies" in view.caption[0].value
+    assert sorted(view.dataframe[0].value["study UID"]) == sorted([a.study_uid, b.study_uid])
+    page.selectbox(key="pacs-study").set_value(b.study_uid)
+    page.selectbox(key="pacs-model").set_value("Attention U-Net")
+    page.button(key="pacs-segment").click().run()
+    assert not page.exception and not page.error, [e.value for e in [*page.exception, *page.error]]
+    [stored] = our_segs(orthanc)[b.study_uid]
+    seg_uid = stored["MainDicomTags"]["SeriesInstanceUID"]
+    assert f"as series {seg_uid} of study {b.study_uid}" in page.success[0].value
+    assert a.study_uid not in our_segs(orthanc)
+    assert [m.label for m in page.tabs[2].metric] == ["Lesions", "Lesion volume", "Time"]
