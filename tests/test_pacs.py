@@ -254,8 +254,10 @@ def test_cli_list_and_segment_print_tables(orthanc, credentials, models_root):
     credentials.setenv("BRAINMETS_DICOMWEB_URL", orthanc.dicomweb_url)
     listed = pacs_cli("list").stdout
     assert a.study_uid in listed and "P001" in listed and "1 studies" in listed
-    segmented = pacs_cli("segment", a.study_uid, "--model", "attention-unet").stdout
-    assert "lesion(s)" in segmented and "volume mm³" in segmented
+    segmented = pacs_cli("segment", a.study_uid, "--model", "attention-unet")
+    [seg] = our_segs(orthanc)[a.study_uid]
+    assert f"SEG stored as series {seg['MainDicomTags']['SeriesInstanceUID']}" in segmented.stderr
+    assert "volume mm³" in segmented.stdout  # the lesion table: the tiny model finds lesions in these slices
     assert "attention-unet-" in pacs_cli("list").stdout  # the SEG's model version
 
 

@@ -326,7 +326,12 @@ def _lesion_table(done) -> None:
     from rich.table import Table
 
     result = done.result
-    table = Table(title=f"study {done.study_uid}: {len(result.lesions)} lesion(s), SEG series {done.seg_series_uid}")
+    console.print(f"study {done.study_uid}: {len(result.lesions)} lesion(s) found by {done.version}; SEG stored as "
+                  f"series {done.seg_series_uid} (" + ", ".join(f"{k} {v:.1f} s" for k, v in done.seconds.items()) + ")",
+                  soft_wrap=True)
+    if not result.lesions:
+        return
+    table = Table()
     for column in ("lesion", "voxels", "volume mm³", "slices", "diameter mm", "mean p"):
         table.add_column(column, justify="right")
     for les in result.lesions:
@@ -334,7 +339,6 @@ def _lesion_table(done) -> None:
                       f"{les.first_slice}-{les.last_slice}", f"{les.diameter_mm:.1f}" if les.diameter_mm is not None else "-",
                       f"{les.mean_probability:.2f}")
     Console().print(table)
-    console.print(" · ".join(f"{k} {v:.1f} s" for k, v in done.seconds.items()))
 
 
 @pacs_app.command("list")
@@ -364,10 +368,9 @@ def pacs_segment(
 ) -> None:
     """Fetch each study's MR series (WADO-RS), segment them as one study, store the DICOM SEG (STOW-RS)."""
     from brainmets.dicomweb import Pacs
-    from brainmets.inference import Predictor
-    from brainmets.pacs import model_version, segment_in_pacs
+    from brainmets.pacs import load_predictor, model_version, segment_in_pacs
 
-    pacs, predictor = Pacs(url), Predictor.load(model)
+    pacs, predictor = Pacs(url), load_predictor(model)
     version = model_version(predictor)
     for uid in studies:
         with console.status(f"study {uid}") as status:
@@ -387,10 +390,9 @@ def pacs_watch(
     and start again: the server says which studies are done, and a SEG stored twice is kept once."""
     from brainmets.cache import cache_root
     from brainmets.dicomweb import Pacs
-    from brainmets.inference import Predictor
-    from brainmets.pacs import model_version, watch
+    from brainmets.pacs import load_predictor, model_version, watch
 
-    pacs, predictor = Pacs(url), Predictor.load(model)
+    pacs, predictor = Pacs(url), load_predictor(model)
     console.print(f"watching {pacs.url} with {model_version(predictor)}" + ("" if once else f", every {interval:g} s"))
     try:
         summary = watch(pacs, predictor, state or cache_root() / "pacs-watch.json", interval, once,

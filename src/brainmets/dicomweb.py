@@ -10,6 +10,7 @@ It loads no model: the page lists studies with it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ SEG_DESCRIPTION = "brainmets lesions"  # + the model version; how `list` tells o
 RETRIES = 4  # tries per request: 1 + 2 + 4 s of backoff ride out a PACS restart
 BACKOFF_S = 0.5
 TIMEOUT_S = 60.0  # per request; a 40-slice series is a few MB
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"  # a DICOM UID: digits and dots, at most 64 characters
 IMAGE_MODALITIES = ("MR",)  # the models were trained on MRI; SEG, SR, PR... are never inputs
 # STOW-RS failure reasons (DICOM PS3.18 table I.2-1 and PS3.4 annex B)
 FAILURE_REASONS = {0x0110: "processing failure", 0x0122: "SOP class not supported", 0x0124: "not authorized",
@@ -137,6 +139,9 @@ class Pacs:
 
     def image_series(self, study_uid: str) -> list[str]:
         """The SeriesInstanceUIDs of the study's MR series."""
+        if not re.match(UID_PATTERN, study_uid) or len(study_uid) > 64:
+            raise StudyNotFound(f"{study_uid!r} is not a StudyInstanceUID: expected digits and dots, at most 64 "
+                                f"characters (`brainmets pacs list` shows them)")
         found = self._call(f"search the series of study {study_uid}", self.client.search_for_series,
                            study_instance_uid=study_uid, get_remaining=True)
         if not found:

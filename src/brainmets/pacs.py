@@ -27,15 +27,23 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from brainmets.dicomweb import SEG_DESCRIPTION, AccessDenied, Pacs, PacsError, PacsUnreachable, UnusableStudy
-from brainmets.inference import Predictor, file_sha256
+from brainmets.inference import ENSEMBLE, Predictor, file_sha256
+from brainmets.registry import SHIPPED, best_name
 from brainmets.study import study_from_datasets
 from brainmets.study_results import StudyResult, segment_study
 
 
+def load_predictor(model: str) -> Predictor:
+    """As `Predictor.load`, with `best` resolved first, so that the SEG and its version name the real model."""
+    return Predictor.load(best_name() if model == "best" else model)
+
+
 def model_version(predictor: Predictor) -> str:
-    """The model's name and a digest of its checkpoint(s): a retrained model is a new version."""
+    """The model's name and a digest of its checkpoint(s): a retrained model is a new version. A checkpoint
+    given by path is `checkpoint-<digest>` (a path does not fit the 64 characters of a SeriesDescription)."""
     digest = hashlib.sha256("".join(file_sha256(n.checkpoint) for n in predictor.networks).encode())
-    return f"{predictor.name}-{digest.hexdigest()[:12]}"
+    name = predictor.name if predictor.name in (*SHIPPED, ENSEMBLE) else "checkpoint"
+    return f"{name}-{digest.hexdigest()[:12]}"
 
 
 def seg_uids(study_uid: str, version: str) -> tuple[str, str]:

@@ -12,7 +12,7 @@ from brainmets.api.deps import ModelsDep, PoolDep, SettingsDep
 from brainmets.api.routes.segment import ModelQuery, TtaQuery
 from brainmets.api.schemas import ErrorResponse, ModelChoice, PacsSegmentResponse, PacsStudies
 from brainmets.api.settings import Settings
-from brainmets.dicomweb import Pacs
+from brainmets.dicomweb import UID_PATTERN, Pacs
 from brainmets.pacs import segment_in_pacs
 
 router = APIRouter(prefix="/pacs", tags=["pacs"])
@@ -23,7 +23,7 @@ ERRORS = {
     502: {"model": ErrorResponse, "description": "The PACS is unreachable, refuses the server's credentials, or "
                                                  "refused the SEG."},
 }
-UID = Annotated[str, Path(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64, description="StudyInstanceUID")]
+UID = Annotated[str, Path(pattern=UID_PATTERN, max_length=64, description="StudyInstanceUID")]
 
 
 @router.get("/studies", response_model=PacsStudies, summary="The PACS's studies", responses=ERRORS)
