@@ -15,7 +15,7 @@ import time
 import torch
 
 from brainmets.config import make_config
-from brainmets.evaluation import autocast
+from brainmets.models import autocast
 from brainmets.models import build_model, count_parameters
 from brainmets.training import make_loss
 

@@ -128,7 +128,8 @@ def real_zip(real_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def models_root(tiny_run, tmp_path_factory) -> Path:
     """A models/ folder laid out as shipped, for BRAINMETS_MODELS: attention-unet is the tiny trained model
-    exported to ONNX (the better metrics.json, so it is `best`); unetpp a tiny untrained U-Net++ with no
+    exported to ONNX (the better validation Dice in metrics.json, so it is `best`, though unetpp has the better
+    test Dice: `best` is chosen on validation); unetpp a tiny untrained U-Net++ with no
     ONNX file (served by PyTorch), so `ensemble` averages two different networks."""
     import shutil
 
@@ -147,9 +148,10 @@ def models_root(tiny_run, tmp_path_factory) -> Path:
     torch.save({"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict(), "epoch": 0},
                root / "unetpp" / "model.pt")
     cfg.save(root / "unetpp" / "config.json")
-    for name, dice in (("attention-unet", 0.6), ("unetpp", 0.1)):
+    for name, val, test in (("attention-unet", 0.6, 0.1), ("unetpp", 0.1, 0.7)):
         (root / name / "metrics.json").write_text(f'{{"model": "{name}", "checkpoint": "/secret/{name}.pt", '
-                                                  f'"dice_per_patient_mean": {dice}, "patients": 2}}\n')
+                                                  f'"validation": {{"dice_per_patient_mean": {val}}}, '
+                                                  f'"dice_per_patient_mean": {test}, "patients": 2}}\n')
     return root
 
 

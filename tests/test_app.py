@@ -258,7 +258,8 @@ def test_compare_shows_the_models_metrics_the_seed_row_and_the_report(api_server
     table = at.dataframe[0].value
     assert table["model"].tolist() == ["unetpp", "attention-unet", "seed recipe"]
     assert table["Dice / patient (mean)"].tolist() == [0.1, 0.6, 0.42]
-    assert [c for im in at.tabs[1].image for c in im.captions] == ["training curves"]
+    assert [c for im in at.tabs[2].image for c in im.captions] == ["training curves"]
+    assert not any("| model |" in m.value for m in at.markdown)  # the report's table: the one above already
     assert any("results-overlays.png, which is missing" in w.value for w in at.warning)
     assert any("The end." in m.value for m in at.markdown)
 

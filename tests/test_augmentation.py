@@ -113,3 +113,29 @@ def test_seeded_transform_is_reproducible():
         runs.append([transform(image=image, mask=mask)["mask"] for _ in range(5)])
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_missing_sequence_puts_flair_in_t1_channels_and_leaves_the_mask():
+    from brainmets.augmentation import MissingSequence
+
+    image = np.stack([np.full((16, 16), v, np.uint8) for v in (10, 20, 30)], axis=-1)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8] = 1
+    seen = set()
+    t = MissingSequence(p=1.0)
+    for seed in range(40):
+        t.set_random_seed(seed)
+        out = t(image=image, mask=mask)
+        np.testing.assert_array_equal(out["mask"], mask)
+        assert (out["image"][..., 1] == 20).all()
+        seen.add(tuple(int(out["image"][0, 0, c]) for c in (0, 2)))
+    assert seen == {(20, 30), (10, 20), (20, 20)}  # pre, post or both replaced, never neither
+    np.testing.assert_array_equal(image[..., 0], 10)  # the input is not modified
+
+
+def test_missing_sequence_is_off_unless_asked():
+    from brainmets.augmentation import MissingSequence
+
+    names = lambda cfg: [type(t).__name__ for t in train_transform(cfg).transforms]  # noqa: E731
+    assert "MissingSequence" not in names(tiny_config())
+    assert "MissingSequence" in names(tiny_config(missing_sequence_p=0.3))

@@ -78,12 +78,13 @@ def test_upload_see_the_lesions_compare_and_a_bad_file(browser, page_url, api_se
     page = browser.new_page(viewport={"width": 1400, "height": 1400})
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(page_url)
-    page.locator(UPLOAD).wait_for(state="attached")
+    segment_tab = page.get_by_role("tabpanel", name="Segment")
+    segment_tab.locator(UPLOAD).wait_for(state="attached")
     settle(page)
     assert "Connected" in page.get_by_test_id("stSidebar").inner_text()
 
     # Segment: the overlay, the heat map and the lesion table, with the API's lesion count
-    page.locator(UPLOAD).set_input_files(str(slice_png))
+    segment_tab.locator(UPLOAD).set_input_files(str(slice_png))
     overlay = page.get_by_test_id("stImage").filter(has_text="lesions outlined").locator("img")
     overlay.wait_for()
     result = page.locator(".st-key-result-best")
@@ -112,7 +113,7 @@ def test_upload_see_the_lesions_compare_and_a_bad_file(browser, page_url, api_se
     page.get_by_role("tab", name="Segment").click()
     notes = tmp_path / "notes.txt"
     notes.write_text("these are not pixels")
-    page.locator(UPLOAD).set_input_files(str(notes))
+    segment_tab.locator(UPLOAD).set_input_files(str(notes))
     alert = page.get_by_test_id("stAlertContentError").filter(has_text="notes.txt")
     alert.wait_for()
     settle(page)
@@ -120,4 +121,49 @@ def test_upload_see_the_lesions_compare_and_a_bad_file(browser, page_url, api_se
     assert page.get_by_test_id("stException").count() == 0
     assert result.count() == 0 and overlay.count() == 0
     page.screenshot(path=tmp_path / "error.png", full_page=True)
+    page.close()
+
+
+def test_a_zipped_study_scrubbed_to_a_lesion_and_its_seg_downloaded(browser, page_url, api_server, tmp_path):
+    import highdicom as hd
+    from dicom_studies import mr_study, to_files, zip_bytes
+
+    from brainmets.app.study_view import largest_slice
+    from brainmets.study import study_from_upload
+
+    study = mr_study([brain(64, seed=s)[0] for s in range(5)])
+    archive = tmp_path / "study.zip"
+    archive.write_bytes(zip_bytes(to_files(study.datasets)))
+    result = Client(api_server).segment_study(archive.read_bytes(), "study.zip")
+    lesion = result.answer["lesions"][0]
+    target = largest_slice(study_from_upload(archive.read_bytes()).mask_slices(result.nifti), lesion)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(page_url)
+    page.get_by_role("tab", name="Study").click()
+    panel = page.get_by_role("tabpanel", name="Study")
+    panel.locator(UPLOAD).set_input_files(str(archive))
+    panel.get_by_role("button", name="Segment the study (5 slices)").click()
+    panel.get_by_role("button", name="DICOM SEG").wait_for()
+    settle(page)
+    count = panel.get_by_test_id("stMetric").filter(has_text="Lesions (3-D)").get_by_test_id("stMetricValue")
+    assert int(count.inner_text()) == len(result.answer["lesions"])
+
+    thumb = panel.get_by_test_id("stSliderThumbValue").last  # the slice scrubber, under the opacity slider
+    panel.get_by_test_id("stSlider").last.get_by_role("slider").press("Home")
+    settle(page)
+    assert thumb.inner_text() == "0"
+    panel.get_by_role("button", name=f"Lesion {lesion['id']}").click()
+    settle(page)
+    assert thumb.inner_text() == str(target)
+    assert f"Slice {target}:" in panel.get_by_test_id("stImage").first.inner_text()
+    page.screenshot(path=tmp_path / "study.png", full_page=True)
+
+    with page.expect_download() as download:
+        panel.get_by_role("button", name="DICOM SEG").click()
+    seg = hd.seg.segread(download.value.path())
+    flair = [d.SOPInstanceUID for d in study.series["AX T2 FLAIR"]]
+    mask = seg.get_pixels_by_source_instance(flair, segment_numbers=[1])[..., 0] > 0
+    assert mask.sum(axis=(1, 2)).tolist() == result.answer["slice_lesion_px"]
     page.close()

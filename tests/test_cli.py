@@ -16,6 +16,7 @@ from brainmets.cache import preprocessed
 from brainmets.cli import app
 from brainmets.data import open_dataset
 from brainmets.evaluation import evaluate
+from brainmets.inference import Predictor
 from brainmets.split import Split
 from brainmets.training import load_checkpoint, model_from_checkpoint
 from conftest import synthetic_slice
@@ -73,11 +74,12 @@ def test_evaluate_all_writes_every_key(tiny_run, dataset_folder, tmp_path):
     assert REPORT_KEYS <= set(report)
     assert (report["patients"], report["slices"], report["split"]) == (4, 48, "all")
     assert [p["id"] for p in report["per_patient"]] == list(open_dataset(dataset_folder).patients)
-    # the same numbers as the evaluation API on the same model and data
-    net, cfg = model_from_checkpoint(load_checkpoint(tiny_run / "best.pt"))
+    # the same numbers as the evaluation API on the same model and data, through the same engine
+    predictor = Predictor.load(tiny_run)
     dataset = open_dataset(dataset_folder)
-    direct = evaluate(net, preprocessed(dataset, cfg.preprocess, progress=False), list(dataset.patients), 0.5)
+    direct = evaluate(predictor, preprocessed(dataset, predictor.preprocess_cfg, progress=False), list(dataset.patients))
     assert report["dice_per_patient_mean"] == pytest.approx(direct["dice_per_patient_mean"])
+    assert (report["runtime"], report["postprocess"]["threshold"]) == ("torch", predictor.post.threshold)
 
 
 def test_evaluate_test_side_uses_the_models_split(tiny_run, dataset_folder, tmp_path):

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from brainmets.cache import Arrays
-from brainmets.evaluation import evaluate, predict_probabilities, report
+from brainmets.config import PostprocessConfig, PreprocessConfig, TrainConfig
+from brainmets.evaluation import evaluate, flair_only, predict_probabilities, report, validate
+from brainmets.inference import Network, Predictor
 
-KEYS = {"patients", "slices", "dice_per_patient_mean", "dice_per_patient_median", "dice_lesion_slices_mean",
+KEYS = {"patients", "slices", "postprocess", "dice_per_patient_min", "empty_predictions", "dice_per_patient_mean", "dice_per_patient_median", "dice_lesion_slices_mean",
         "dice_pooled", "iou_pooled", "precision_pooled", "recall_pooled", "hd95_px_mean", "lesion_sensitivity",
         "lesion_fp_per_patient", "per_patient"}
-PER_PATIENT_KEYS = {"id", "slices", "dice", "hd95_px"}
+PER_PATIENT_KEYS = {"id", "slices", "dice", "hd95_px", "predicted_px"}
+HALF = PostprocessConfig(0.5)
 
 
 def case() -> tuple[Arrays, np.ndarray]:
@@ -41,7 +44,7 @@ def case() -> tuple[Arrays, np.ndarray]:
 
 def test_every_key_of_the_report():
     arrays, probs = case()
-    r = report(arrays, ["A", "B", "C"], probs, 0.5)
+    r = report(arrays, ["A", "B", "C"], probs, HALF)
     assert KEYS <= set(r)
     assert len(r["per_patient"]) == 3
     assert all(PER_PATIENT_KEYS <= set(p) for p in r["per_patient"])
@@ -49,7 +52,7 @@ def test_every_key_of_the_report():
 
 def test_perfect_prediction():
     arrays, _ = case()
-    r = report(arrays, ["A", "B", "C"], arrays.masks.astype(np.float32), 0.5)
+    r = report(arrays, ["A", "B", "C"], arrays.masks.astype(np.float32), HALF)
     assert (r["patients"], r["slices"]) == (3, 7)
     for key in ("dice_per_patient_mean", "dice_per_patient_median", "dice_lesion_slices_mean", "dice_pooled",
                 "iou_pooled", "precision_pooled", "recall_pooled", "lesion_sensitivity"):
@@ -61,7 +64,7 @@ def test_perfect_prediction():
 
 def test_known_imperfect_prediction():
     arrays, probs = case()
-    r = report(arrays, ["A", "B", "C"], probs, 0.5)
+    r = report(arrays, ["A", "B", "C"], probs, HALF)
     dice_a, dice_b, dice_c = 2 * 6 / (12 + 2), 0.0, 2 * 1 / (2 + 1)
     assert (r["patients"], r["slices"]) == (3, 7)
     assert r["dice_per_patient_mean"] == pytest.approx((dice_a + dice_b + dice_c) / 3)
@@ -86,15 +89,15 @@ def test_known_imperfect_prediction():
 
 def test_threshold_is_applied():
     arrays, probs = case()
-    assert report(arrays, ["A", "B", "C"], probs, 0.95)["dice_pooled"] == 0.0  # nothing predicted
-    r = report(arrays, ["A", "B", "C"], probs, 0.05)  # everything predicted
+    assert report(arrays, ["A", "B", "C"], probs, PostprocessConfig(0.95))["dice_pooled"] == 0.0  # nothing predicted
+    r = report(arrays, ["A", "B", "C"], probs, PostprocessConfig(0.05))  # everything predicted
     assert r["recall_pooled"] == 1.0 and r["precision_pooled"] == pytest.approx(10 / (7 * 64))
 
 
 def test_patients_in_any_order_and_subset():
     arrays, probs = case()
     rows = list(arrays.rows("C")) + list(arrays.rows("A"))
-    r = report(arrays, ["C", "A"], probs[rows], 0.5)
+    r = report(arrays, ["C", "A"], probs[rows], HALF)
     assert [p["id"] for p in r["per_patient"]] == ["C", "A"]
     assert r["slices"] == 5 and r["lesion_fp_per_patient"] == 0.0
     assert r["dice_pooled"] == pytest.approx(2 * 7 / (2 * 7 + 0 + 3))
@@ -103,12 +106,12 @@ def test_patients_in_any_order_and_subset():
 def test_too_few_or_too_many_probability_maps():
     arrays, probs = case()
     with pytest.raises(ValueError, match="probability maps"):
-        report(arrays, ["A", "B"], probs, 0.5)
+        report(arrays, ["A", "B"], probs, HALF)
 
 
 def test_no_lesion_anywhere_leaves_lesion_metrics_undefined():
     arrays, probs = case()
-    r = report(arrays, ["B"], probs[arrays.rows("B").start:arrays.rows("B").stop], 0.5)
+    r = report(arrays, ["B"], probs[arrays.rows("B").start:arrays.rows("B").stop], HALF)
     assert r["lesion_sensitivity"] is None and r["dice_lesion_slices_mean"] is None
     assert r["hd95_px_mean"] is None and r["recall_pooled"] is None and r["precision_pooled"] == 0.0
 
@@ -124,19 +127,49 @@ class MaskOracle(torch.nn.Module):
         return (x[:, :1] - 0.5) * self.scale
 
 
-def test_evaluate_runs_the_model_over_the_patients_rows():
+def oracle_arrays() -> Arrays:
     arrays, _ = case()
     images = np.zeros((7, 16, 16, 3), np.uint8)
     masks = np.zeros((7, 16, 16), np.uint8)
     masks[:, :8, :8] = arrays.masks
     images[..., 0] = masks * 255
     images[6, 10, 10, 0] = 255  # a bright pixel the truth does not hold: one false positive in C
-    bigger = Arrays(images=images, masks=masks, patients=arrays.patients, numbers=arrays.numbers)
-    probs = predict_probabilities(MaskOracle(), images, batch_size=3)
-    assert probs.shape == (7, 16, 16) and probs.dtype == np.float32
-    assert ((probs > 0.5) == (images[..., 0] > 127)).all()
-    r = evaluate(MaskOracle(), bigger, ["C", "A"], threshold=0.5, batch_size=2)
+    return Arrays(images=images, masks=masks, patients=arrays.patients, numbers=arrays.numbers)
+
+
+def check_oracle_report(r: dict) -> None:
     assert r["patients"] == 2 and r["slices"] == 5
     assert [p["dice"] for p in r["per_patient"]] == [pytest.approx(2 * 2 / (3 + 2)), 1.0]
     assert r["lesion_fp_per_patient"] == 0.5
     assert math.isclose(r["dice_per_patient_mean"], (0.8 + 1) / 2)
+
+
+def test_validate_runs_the_torch_model_over_the_patients_rows():
+    bigger = oracle_arrays()
+    probs = predict_probabilities(MaskOracle(), bigger.images, batch_size=3)
+    assert probs.shape == (7, 16, 16) and probs.dtype == np.float32
+    assert ((probs > 0.5) == (bigger.images[..., 0] > 127)).all()
+    check_oracle_report(validate(MaskOracle(), bigger, ["C", "A"], HALF))
+
+
+def oracle_predictor(post: PostprocessConfig = HALF) -> Predictor:
+    cfg = TrainConfig(preprocess=PreprocessConfig(image_size=16), crop_size=None).with_post(post)
+    oracle = MaskOracle()
+    net = Network(cfg, None, lambda x: oracle(torch.from_numpy(x)).detach().numpy(), "torch")
+    return Predictor([net], "oracle")
+
+
+def test_evaluate_goes_through_the_engine_with_its_post_processing():
+    check_oracle_report(evaluate(oracle_predictor(), oracle_arrays(), ["C", "A"]))
+    # single mode keeps one 3-D lesion per patient: C's three 1-px components are equally strong, and the first
+    # in scan order, a true one, stays
+    single = evaluate(oracle_predictor(PostprocessConfig(0.5, mode="single")), oracle_arrays(), ["C"])
+    assert single["lesion_fp_per_patient"] == 0.0 and single["per_patient"][0]["predicted_px"] == 1
+
+
+def test_flair_only_puts_flair_in_every_channel():
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    out = flair_only(images)
+    assert out.shape == images.shape
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], images[..., 1])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy.special import expit, logit
 
+from brainmets.config import PostprocessConfig
 from brainmets.inference import InputError, Network, Predictor, find_lesions
 from brainmets.readers import read_volume
 from conftest import tiny_config
@@ -98,7 +99,7 @@ def test_ensemble_averages_probabilities_and_thresholds():
         fake(lambda x: np.full((len(x), 1, 64, 64), logit(0.6), np.float32), 0.6)
     ensemble = Predictor([low, high], "ensemble")
     p = ensemble.predict(image)
-    assert ensemble.threshold == pytest.approx(0.5)
+    assert ensemble.post.threshold == pytest.approx(0.5)
     np.testing.assert_allclose(p.probability, 0.4, atol=1e-6)
     assert not p.mask.any()
 
@@ -114,14 +115,30 @@ def test_unusable_images_raise_input_error(image, message):
         Predictor([fake(bright)], "fake").predict(image)
 
 
-def test_onnx_runtime_matches_pytorch(models_root):
+@pytest.mark.parametrize("runtime, precision, atol", [("onnxruntime", "auto", 1e-4), ("openvino", "f32", 1e-4),
+                                                      ("openvino", "auto", 0.05)])
+def test_exported_runtimes_match_pytorch(models_root, runtime, precision, atol):
     checkpoint = models_root / "attention-unet" / "model.pt"
-    onnx, eager = Network.load(checkpoint, "onnxruntime"), Network.load(checkpoint, "torch")
-    assert (onnx.runtime, eager.runtime, Network.load(checkpoint).runtime) == ("onnxruntime", "torch", "onnxruntime")
+    served, eager = Network.load(checkpoint, runtime, precision=precision), Network.load(checkpoint, "torch")
+    assert (served.runtime, eager.runtime, Network.load(checkpoint).runtime) == (runtime, "torch", "openvino")
+    assert served.precision in (("f32",) if precision == "f32" or runtime == "onnxruntime" else ("bf16", "f32"))
     images = [brain(64, seed)[0] for seed in range(3)] + [brain(96, 5)[0]]
-    a, b = Predictor([onnx], "a").probabilities(images, tta=True), Predictor([eager], "b").probabilities(images, tta=True)
+    a, b = Predictor([served], "a").probabilities(images, tta=True), Predictor([eager], "b").probabilities(images, tta=True)
     for pa, pb in zip(a, b):
-        np.testing.assert_allclose(pa, pb, atol=1e-4)
+        np.testing.assert_allclose(pa, pb, atol=atol)
+
+
+def test_openvino_requests_run_from_several_threads_at_once(models_root):
+    """The API runs requests in a pool: each thread gets its own infer request, and answers stay right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = Network.load(models_root / "attention-unet" / "model.pt", "openvino", precision="f32")
+    x = [np.random.default_rng(i).random((2, 3, 64, 64), dtype=np.float32) for i in range(8)]
+    alone = [net.forward(v) for v in x]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(net.forward, x))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_stale_onnx_is_never_paired_with_another_checkpoint(models_root, tmp_path):
@@ -131,15 +148,19 @@ def test_stale_onnx_is_never_paired_with_another_checkpoint(models_root, tmp_pat
     ckpt["epoch"] += 1  # retrained: other bytes, same name
     torch.save(ckpt, tmp_path / "model.pt")
     assert Network.load(tmp_path / "model.pt").runtime == "torch"
-    with pytest.raises(ValueError, match="not exported from"):
-        Network.load(tmp_path / "model.pt", "onnxruntime")
-    with pytest.raises(FileNotFoundError, match="brainmets export"):
-        Network.load(models_root / "unetpp" / "model.pt", "onnxruntime")
+    for runtime in ("onnxruntime", "openvino"):
+        with pytest.raises(ValueError, match="not exported from"):
+            Network.load(tmp_path / "model.pt", runtime)
+        with pytest.raises(FileNotFoundError, match="brainmets export"):
+            Network.load(models_root / "unetpp" / "model.pt", runtime)
+    with pytest.raises(ValueError, match="unknown precision"):
+        Network.load(tmp_path / "model.pt", precision="fp8")
 
 
 def test_shipped_names_and_ensemble_resolve_through_the_registry(models_root, monkeypatch):
     monkeypatch.setenv("BRAINMETS_MODELS", str(models_root))
-    assert [n.runtime for n in Predictor.load("ensemble").networks] == ["torch", "onnxruntime"]  # unetpp first
+    assert [n.runtime for n in Predictor.load("ensemble").networks] == ["torch", "openvino"]  # unetpp first
+    # best: the higher validation Dice (attention-unet), though unetpp has the higher test Dice
     assert Predictor.load("best").networks[0].checkpoint == models_root / "attention-unet" / "model.pt"
     with pytest.raises(FileNotFoundError, match="unknown model"):
         Predictor.load("no-such-model")
@@ -206,3 +227,43 @@ def test_three_channel_uint8_volume_gives_a_3d_mask():
     volume[20:30, 10:20, 1:3, :] = 200
     result = Predictor([fake(bright)], "fake").predict_volume(read_volume(nifti(volume, np.eye(4))))
     np.testing.assert_array_equal(result.mask, volume[..., 0] > 0)
+
+
+def test_a_stack_is_segmented_in_one_pass_with_the_3d_rule():
+    """Two bright boxes across slices; `single` keeps the bigger 3-D lesion, a lone slice keeps both."""
+    slices = []
+    for z in range(5):
+        image = np.full((64, 64, 3), 40, np.uint8)
+        if z < 4:
+            image[10:30, 10:30] = 220  # 4 slices x 400 px
+        if z == 2:
+            image[45:50, 45:50] = 220  # 25 px on one slice
+        slices.append(image)
+    calls = []
+    net = fake(lambda x: calls.append(len(x)) or bright(x))
+    net.cfg = net.cfg.with_post(PostprocessConfig(0.5, mode="single"))
+    predictor = Predictor([net], "fake")
+    stack = predictor.predict_stack(slices)
+    assert calls == [5]  # one batch
+    assert stack.probability.shape == stack.mask.shape == (5, 64, 64) and stack.mask.dtype == bool
+    assert stack.mask.sum() == 1600 and not stack.mask[2, 45:50, 45:50].any()
+    assert predictor.predict(slices[2]).mask.sum() == 425  # alone: no 3-D context, both kept
+    with pytest.raises(InputError, match="differ in size"):
+        predictor.predict_stack([slices[0], slices[1][:32]])
+    with pytest.raises(InputError, match="no slices"):
+        predictor.predict_stack([])
+
+
+def test_ensemble_uses_its_validation_tuned_rule_and_can_be_best(models_root, tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    shutil.copytree(models_root, root)
+    (root / "ensemble").mkdir()
+    (root / "ensemble" / "postprocess.json").write_text('{"threshold": 0.35, "min_lesion_px": 0, '
+                                                        '"mode": "single", "min_lesion_voxels": 20}')
+    (root / "ensemble" / "metrics.json").write_text('{"validation": {"dice_per_patient_mean": 0.65}}')
+    monkeypatch.setenv("BRAINMETS_MODELS", str(root))
+    best = Predictor.load("best")
+    assert best.name == "ensemble" and len(best.networks) == 2
+    assert best.post == PostprocessConfig(0.35, 0, "single", 20)
+    (root / "unetpp" / "model.pt").unlink()  # one network alone cannot make the ensemble
+    assert Predictor.load("best").name == "attention-unet"

@@ -299,7 +299,7 @@ def seg_counts(server) -> dict[str, list[int]]:
 @pytest.mark.slow
 def test_watch_killed_mid_run_then_restarted_leaves_exactly_one_seg_per_study(orthanc, credentials, models_root,
                                                                               tmp_path):
-    studies = [study(seed) for seed in range(1, 6)]
+    studies = [study(seed, slices=4) for seed in range(1, 21)]  # the target: 20 studies
     upload(orthanc, *studies)
     watcher = watch_process(orthanc, models_root, tmp_path / "state.json", "--once")
     done_before_kill = wait_for(lambda: len(our_segs(orthanc)))
@@ -441,8 +441,8 @@ def test_page_lists_the_pacs_studies_and_segments_one_on_click(pacs_api_server, 
     monkeypatch.setenv("BRAINMETS_DOCS", str(tmp_path))
     st.cache_data.clear()
     page = AppTest.from_file(str(Path(brainmets.app.__file__).with_name("page.py")), default_timeout=60).run()
-    view = page.tabs[2]
-    assert view.label == "PACS" and f"PACS `{orthanc.dicomweb_url}`: 2 studies" in view.caption[0].value
+    view = next(tab for tab in page.tabs if tab.label == "PACS")
+    assert f"PACS `{orthanc.dicomweb_url}`: 2 studies" in view.caption[0].value
     assert sorted(view.dataframe[0].value["study UID"]) == sorted([a.study_uid, b.study_uid])
     page.selectbox(key="pacs-study").set_value(b.study_uid)
     page.selectbox(key="pacs-model").set_value("Attention U-Net")
@@ -452,4 +452,5 @@ def test_page_lists_the_pacs_studies_and_segments_one_on_click(pacs_api_server, 
     seg_uid = stored["MainDicomTags"]["SeriesInstanceUID"]
     assert f"as series {seg_uid} of study {b.study_uid}" in page.success[0].value
     assert a.study_uid not in our_segs(orthanc)
-    assert [m.label for m in page.tabs[2].metric] == ["Lesions", "Lesion volume", "Time"]
+    assert [m.label for m in next(tab for tab in page.tabs if tab.label == "PACS").metric] == \
+        ["Lesions", "Lesion volume", "Time"]

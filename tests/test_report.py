@@ -1,5 +1,6 @@
 """Shipping a run and regenerating the comparison report from the shipped files."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,7 +8,7 @@ from typer.testing import CliRunner
 
 from brainmets.cache import preprocessed
 from brainmets.cli import app
-from brainmets.config import TrainConfig
+from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.data import open_dataset
 from brainmets.report import METRICS
 from brainmets.shipping import ship
@@ -35,10 +36,39 @@ def test_ship_writes_a_complete_model_folder(shipped, tiny_run):
     assert metrics["patients"] == len(split["test"]) and metrics["split"] == "test"
     tuned = metrics["validation_tuning"]
     cfg = TrainConfig.load(folder / "config.json")
-    assert (cfg.threshold, cfg.min_lesion_px) == (tuned["threshold"], tuned["min_lesion_px"])
+    assert cfg.post == PostprocessConfig(**tuned["post"]) and metrics["postprocess"] == tuned["post"]
     assert TrainConfig.from_dict(ckpt["config"]) == cfg
+    # chosen on validation: the validation report is the tuned setting's, and the other mode is also on test
+    assert metrics["validation"]["dice_per_patient_mean"] == pytest.approx(
+        tuned["modes"][cfg.lesion_mode]["dice_per_patient_mean"])
+    assert metrics["validation"]["patients"] == len(split["val"])
+    assert set(metrics["test_by_mode"]) == {"single", "multiple"} and metrics["flair_only"]["patients"] == len(split["test"])
+    assert (metrics["runtime"], json.loads((shipped / "unetpp" / "metrics.json").read_text())["runtime"]) == \
+        ("openvino", "torch")
     card = (folder / "MODEL_CARD.md").read_text()
     assert f"{metrics['dice_per_patient_mean']:.3f}" in card and "test machine" in card
+    assert f"`{cfg.lesion_mode}` mode" in card and "FLAIR alone" in card
+
+
+def test_the_shipped_engine_reproduces_the_model_card(shipped, dataset_folder, monkeypatch):
+    """`brainmets evaluate --split test` on a shipped folder gives metrics.json's numbers: measured = served."""
+    monkeypatch.setenv("BRAINMETS_MODELS", str(shipped))
+    result = CliRunner().invoke(app, ["evaluate", "--data", str(dataset_folder), "--model", "attention-unet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((shipped / "attention-unet" / "metrics.json").read_text())
+    assert f"{metrics['dice_per_patient_mean']:.4f}" in result.output
+
+
+def test_select_tunes_the_ensemble_and_names_best_on_validation(shipped, dataset_folder, monkeypatch):
+    monkeypatch.setenv("BRAINMETS_MODELS", str(shipped))
+    result = CliRunner().invoke(app, ["select", "--data", str(dataset_folder)])
+    assert result.exit_code == 0, result.output
+    post = PostprocessConfig(**json.loads((shipped / "ensemble" / "postprocess.json").read_text()))
+    metrics = json.loads((shipped / "ensemble" / "metrics.json").read_text())
+    assert metrics["postprocess"] == dataclasses.asdict(post) and metrics["members"] == ["unetpp", "attention-unet"]
+    scores = {n: json.loads((shipped / n / "metrics.json").read_text())["validation"]["dice_per_patient_mean"]
+              for n in ("unetpp", "attention-unet", "ensemble")}
+    assert f"best = {max(scores, key=scores.get)}" in result.output
 
 
 def test_compare_regenerates_results(shipped, dataset_folder, tmp_path, monkeypatch):
@@ -50,7 +80,8 @@ def test_compare_regenerates_results(shipped, dataset_folder, tmp_path, monkeypa
     for _, title in METRICS:
         assert title in text
     rows = [line for line in text.splitlines() if line.startswith("| attention-unet") or line.startswith("| unetpp")]
-    assert len(rows) == 2
+    assert len(rows) == 2 + 2  # the results table, then the selection table
+    assert "Choosing `best`, on validation only" in text and (docs / "results-thresholds.png").stat().st_size > 5000
     for png in ("results-training-curves.png", "results-dice-per-patient.png", "results-overlays.png"):
         assert (docs / png).stat().st_size > 5000
 

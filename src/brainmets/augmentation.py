@@ -1,7 +1,8 @@
 """Training-time augmentation with albumentations: one call moves image and mask together.
 
 Rotation and zoom (one affine, nearest-neighbour for the mask so it stays binary), horizontal and
-vertical flips, then the training crop. Validation, test and serving never augment.
+vertical flips, optionally a missing sequence (FLAIR standing in for a T1 channel), then the training crop.
+Validation, test and serving never augment.
 """
 
 from __future__ import annotations
@@ -24,6 +25,23 @@ class SeededCompose(A.Compose):
         self.set_random_state(self.random_generator, self.py_random)
 
 
+class MissingSequence(A.ImageOnlyTransform):
+    """A study without its pre-contrast T1, its post-contrast T1 or both: FLAIR (channel 1) stands in their
+    channels, as the dataset itself does for a sequence that was not acquired. Works on the CLAHE-enhanced
+    slice, which is the same as enhancing the filled slice, since CLAHE works channel by channel."""
+
+    FILLS = ((0,), (2,), (0, 2))
+
+    def get_params(self) -> dict:
+        return {"channels": self.FILLS[self.py_random.randrange(len(self.FILLS))]}
+
+    def apply(self, img, channels=(), **params):
+        img = img.copy()
+        for c in channels:
+            img[..., c] = img[..., 1]
+        return img
+
+
 def train_transform(cfg: TrainConfig) -> A.Compose:
     steps = [
         A.Affine(rotate=(-cfg.rotate_deg, cfg.rotate_deg), scale=cfg.scale, interpolation=cv2.INTER_LINEAR,
@@ -31,6 +49,8 @@ def train_transform(cfg: TrainConfig) -> A.Compose:
         A.HorizontalFlip(p=cfg.flip_p),
         A.VerticalFlip(p=cfg.flip_p),
     ]
+    if cfg.missing_sequence_p:
+        steps.append(MissingSequence(p=cfg.missing_sequence_p))
     if cfg.crop_size is not None:
         size = cfg.crop_size
         # On a lesion slice, most crops contain lesion pixels; the rest are anywhere, so the net also

@@ -94,6 +94,7 @@ def train(
     crop: Annotated[Optional[int], typer.Option(help="Training crop side in px, 0 for whole slices (overrides the recipe).")] = None,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast on CPU (overrides the recipe).")] = None,
     deep_supervision: Annotated[bool, typer.Option(help="U-Net++ only: loss on every nested output.")] = False,
+    missing_sequence: Annotated[Optional[float], typer.Option(help="Share of training slices whose pre- and/or post-contrast channel is replaced by FLAIR, for studies with FLAIR only (default 0).")] = None,
     image_size: Annotated[int, typer.Option(help="Side in px every slice is resized to (a multiple of 16); the models ship at 256.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the split (if made here), initialisation and sampling.")] = 0,
     threads: Annotated[int, typer.Option(help="Torch threads; 0 uses every core.")] = 0,
@@ -107,7 +108,7 @@ def train(
 
     cfg = make_config(model.value, recipe.value, deep_supervision=deep_supervision, epochs=epochs,
                       batch_size=batch_size, lr=lr, bf16=bf16, seed=seed, threads=threads,
-                      time_budget_min=time_budget)
+                      time_budget_min=time_budget, missing_sequence_p=missing_sequence)
     # Size and crop together: the config checks that the crop fits the slice (make_config skips None).
     crop_setting = {} if crop is None else {"crop_size": crop or None}
     cfg = dataclasses.replace(cfg, preprocess=PreprocessConfig(image_size=image_size), **crop_setting)
@@ -136,27 +137,34 @@ def evaluate(
     side: Annotated[Side, typer.Option("--split", help="test / val: the patients of the model's own split.json; all: every patient in --data (a held-out set).")] = Side.test,
     out: Annotated[Optional[Path], typer.Option(help="Write the report (JSON) here.")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Probability threshold (default: the model's).")] = None,
+    runtime: Annotated[str, typer.Option(help="auto (OpenVINO where exported, as served), openvino, onnxruntime or torch.")] = "auto",
+    precision: Annotated[str, typer.Option(help="OpenVINO precision: auto (bf16 where the CPU has it, as served), bf16 or f32.")] = "auto",
+    flair_only: Annotated[bool, typer.Option(help="Feed FLAIR in all three channels, as for a study without T1 series.")] = False,
 ) -> None:
-    """Evaluate a model: per-patient 3-D Dice, lesion-slice and pooled Dice, IoU, precision/recall, HD95, detection."""
-    from brainmets.evaluation import evaluate as run_evaluation
-    from brainmets.registry import resolve
-    from brainmets.training import load_checkpoint, model_from_checkpoint
+    """Evaluate a model through the serving engine: per-patient 3-D Dice, lesion-slice and pooled Dice, IoU,
+    precision/recall, HD95, detection."""
+    import dataclasses
 
-    path = resolve(model)
-    ckpt = load_checkpoint(path)
-    net, cfg = model_from_checkpoint(ckpt)
-    dataset, arrays = load_arrays(data, cfg.preprocess)
+    from brainmets.evaluation import evaluate as run_evaluation
+    from brainmets.inference import Predictor
+    from brainmets.training import load_checkpoint
+
+    predictor = Predictor.load(model, runtime, precision=precision)
+    if threshold is not None:
+        predictor.post = dataclasses.replace(predictor.post, threshold=threshold)
+    path = predictor.networks[0].checkpoint
+    dataset, arrays = load_arrays(data, predictor.preprocess_cfg)
     if side == Side.all:
         patients = list(dataset.patients)
     else:
-        patients = ckpt["split"][side.value]
+        patients = load_checkpoint(path)["split"][side.value]
         missing = sorted(set(patients) - set(dataset.patients))
         if missing:
             raise ValueError(f"{len(missing)} {side.value} patients of {path} are not in {data} "
                              f"(e.g. {missing[0]}); use --split all to evaluate every patient of {data}")
-    report = run_evaluation(net, arrays, patients, threshold if threshold is not None else cfg.threshold,
-                            progress=True, min_area=cfg.min_lesion_px)
-    report = {"model": str(model), "checkpoint": str(path), "data": str(data), "split": side.value, **report}
+    report = run_evaluation(predictor, arrays, patients, flair=flair_only, progress=True)
+    report = {"runtime": predictor.networks[0].runtime, "precision": predictor.networks[0].precision, **report}
+    report = {"model": predictor.name, "checkpoint": str(path), "data": str(data), "split": side.value, **report}
     _print_report(report)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +207,25 @@ def predict(
 
 
 @app.command()
+@friendly_errors
+def select(
+    data: DataOpt,
+    data_label: Annotated[str, typer.Option(help="What the data is, for the report.")] = "TCGA LGG (Buda et al. 2019), 88 of 110 patients",
+) -> None:
+    """Tune the ensemble of the shipped networks on their validation patients (models/ensemble/), score it on
+    test, and say which of the three `best` now stands for: the highest validation per-patient Dice."""
+    from brainmets.registry import SHIPPED, models_dir
+    from brainmets.shipping import ship_ensemble
+    from brainmets.training import load_checkpoint, model_from_checkpoint
+
+    _, cfg = model_from_checkpoint(load_checkpoint(models_dir() / SHIPPED[0] / "model.pt"))
+    _, arrays = load_arrays(data, cfg.preprocess)
+    metrics = ship_ensemble(models_dir(), arrays, data_label)
+    console.print(f"ensemble: validation per-patient Dice {metrics['validation']['dice_per_patient_mean']:.4f}, "
+                  f"test {metrics['dice_per_patient_mean']:.4f}; best = {metrics['best']} (chosen on validation)")
+
+
+@app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; loopback by default (0.0.0.0 opens the API to the network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -231,18 +258,20 @@ def export(
 @app.command()
 @friendly_errors
 def ship(
-    run: Annotated[Path, typer.Option(help="Finished training run folder (best.pt, config.json, split.json, log.jsonl).")],
+    run: Annotated[Path, typer.Option(help="Finished training run folder (best.pt, config.json, split.json, log.jsonl), or a shipped model folder to re-tune in place.")],
     data: DataOpt,
     out: Annotated[Path, typer.Option(help="Model folder to write, e.g. models/attention-unet.")],
     hardware: Annotated[str, typer.Option(help="Where it was trained, for the model card.")] = "2-core CPU (no GPU)",
     data_label: Annotated[str, typer.Option(help="What the data is, for the model card.")] = "TCGA LGG (Buda et al. 2019), 88 of 110 patients",
     onnx: Annotated[bool, typer.Option(help="Also export model.onnx.")] = True,
 ) -> None:
-    """Ship a run: weights, ONNX, config, split, log, test metrics and a model card in one folder."""
+    """Ship a run: weights, ONNX, config, split, log, metrics and a model card in one folder. Post-processing is
+    tuned on the run's validation patients through the serving engine; test is scored once, with it."""
+    from brainmets.registry import resolve
     from brainmets.shipping import ship as ship_run
     from brainmets.training import load_checkpoint, model_from_checkpoint
 
-    _, cfg = model_from_checkpoint(load_checkpoint(run / "best.pt"))
+    _, cfg = model_from_checkpoint(load_checkpoint(resolve(run)))
     _, arrays = load_arrays(data, cfg.preprocess)
     metrics = ship_run(run, arrays, out, hardware, data_label, onnx=onnx)
     console.print(f"{out}: test per-patient Dice {metrics['dice_per_patient_mean']:.4f} on {metrics['patients']} patients")
@@ -256,7 +285,7 @@ def compare(
     docs: Annotated[Path, typer.Option(help="Where results.md and its figures go.")] = Path("docs"),
 ) -> None:
     """Regenerate docs/results.md (tables, training curves, per-patient Dice, example overlays)."""
-    from brainmets.registry import SHIPPED, models_dir
+    from brainmets.registry import CANDIDATES, SHIPPED, best_name, models_dir, shipped_metrics
     from brainmets.report import Run, overlay_examples, write_results
 
     if runs:
@@ -273,18 +302,18 @@ def compare(
         raise FileNotFoundError("nothing to compare: no --run given and no shipped model has metrics.json")
     examples = None
     if data is not None:
-        from brainmets.evaluation import predict_probabilities
-        from brainmets.postprocessing import binarize
-        from brainmets.training import load_checkpoint, model_from_checkpoint
+        from brainmets.inference import Predictor
+        from brainmets.preprocessing import normalize
 
         best = next((r for r in loaded if (r.folder / "model.pt").exists()), None)
         if best is None:
             raise FileNotFoundError("--data asks for example overlays, but no compared folder holds a model.pt")
-        net, cfg = model_from_checkpoint(load_checkpoint(best.folder / "model.pt"))
-        _, arrays = load_arrays(data, cfg.preprocess)
+        predictor = Predictor.load(best.folder / "model.pt")
+        _, arrays = load_arrays(data, predictor.preprocess_cfg)
         examples = overlay_examples(
-            best, arrays, lambda x: binarize(predict_probabilities(net, x), cfg.threshold, cfg.min_lesion_px))
-    out = write_results(loaded, docs, examples)
+            best, arrays, lambda x: predictor.mask_stack(predictor.model_probabilities(normalize(x))))
+    shipped = {n: m for n in CANDIDATES if (m := shipped_metrics(n)) and "validation" in m} if not runs else {}
+    out = write_results(loaded, docs, examples, shipped, best_name() if shipped else None)
     console.print(f"{out} written")
 
 

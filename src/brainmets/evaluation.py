@@ -1,13 +1,17 @@
-"""Run a model over whole preprocessed slices and report the metrics of the field, per patient first.
+"""Score patients with the metrics of the field, per patient first, through the serving engine.
 
 The headline, as in Buda et al. (2019) on this dataset, is the mean per-patient Dice: each patient's
 slices stacked into a volume and scored in 3-D. Also reported: Dice over the slices that hold a lesion
 (2-D), pooled counts over every pixel, HD95 and lesion-wise detection. Empty cases: see metrics.py.
+
+`evaluate` runs the inference engine (`brainmets.inference.Predictor`: same runtime, precision, threshold
+and post-processing as the API) on the cached preprocessed slices, so a model card describes what is served.
+Training's own per-epoch validation (`validate`) runs the PyTorch model it is training.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import statistics
 from typing import Any
 
@@ -17,31 +21,65 @@ from rich.progress import Progress
 from torch import nn
 
 from brainmets.cache import Arrays
+from brainmets.config import LESION_MODES, PostprocessConfig
 from brainmets.metrics import Counts, counts, detection, hd95
-from brainmets.postprocessing import binarize
+from brainmets.models import autocast
+from brainmets.postprocessing import binarize, components, keep_components, mask_stack
 from brainmets.preprocessing import normalize
 
 
-def autocast(bf16: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def patient_rows(arrays: Arrays, patients: list[str]) -> list[int]:
+    return [i for p in patients for i in arrays.rows(p)]
+
+
+def flair_only(images: np.ndarray) -> np.ndarray:
+    """Enhanced (N, S, S, 3) slices with FLAIR standing in for both T1 channels: a study with FLAIR alone, as
+    the dataset fills a missing sequence. CLAHE works per channel, so this equals preprocessing such a study."""
+    return np.repeat(np.asarray(images)[..., 1:2], 3, axis=-1)
+
+
+def engine_probabilities(predictor, arrays: Arrays, patients: list[str], tta: bool = False,
+                         flair: bool = False, progress: bool = False, chunk: int = 64) -> np.ndarray:
+    """The engine's probabilities float32 (N, S, S) for every slice of the patients, in their order."""
+    rows = patient_rows(arrays, patients)
+    out = np.empty((len(rows), *arrays.images.shape[1:3]), np.float32)
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"{predictor.name}: predicting", total=len(rows))
+        for start in range(0, len(rows), chunk):
+            images = arrays.images[rows[start:start + chunk]]
+            x = normalize(flair_only(images) if flair else np.asarray(images))
+            out[start:start + len(x)] = predictor.model_probabilities(x, tta)
+            bar.advance(task, len(x))
+    return out
+
+
+def evaluate(predictor, arrays: Arrays, patients: list[str], tta: bool = False, flair: bool = False,
+             progress: bool = False) -> dict[str, Any]:
+    """The report of `predictor` (its own post-processing) on these patients."""
+    probs = engine_probabilities(predictor, arrays, patients, tta, flair, progress)
+    return report(arrays, patients, probs, predictor.post)
 
 
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, images: np.ndarray, batch_size: int = 16, bf16: bool = False,
-                          progress: bool = False) -> np.ndarray:
-    """Sigmoid probabilities float32 (N, S, S) for enhanced uint8 slices (N, S, S, 3)."""
+def predict_probabilities(model: nn.Module, images: np.ndarray, batch_size: int = 16, bf16: bool = False) -> np.ndarray:
+    """PyTorch sigmoid probabilities float32 (N, S, S) for enhanced uint8 slices (N, S, S, 3)."""
     model.eval()
     device = next(model.parameters()).device
     out = np.empty(images.shape[:3], np.float32)
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("predicting", total=len(images))
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(normalize(np.asarray(images[start:start + batch_size]))).to(device)
-            with autocast(bf16, device.type):
-                logits = model(x)
-            out[start:start + len(x)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
-            bar.advance(task, len(x))
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(normalize(np.asarray(images[start:start + batch_size]))).to(device)
+        with autocast(bf16, device.type):
+            logits = model(x)
+        out[start:start + len(x)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
     return out
+
+
+def validate(model: nn.Module, arrays: Arrays, patients: list[str], post: PostprocessConfig,
+             bf16: bool = False) -> dict[str, Any]:
+    """Training's per-epoch validation report, with the PyTorch model being trained."""
+    rows = patient_rows(arrays, patients)
+    images = arrays.images[rows] if rows else arrays.images[:0]
+    return report(arrays, patients, predict_probabilities(model, images, bf16=bf16), post)
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -49,27 +87,27 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(kept) if kept else None
 
 
-def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, threshold: float,
-           min_area: float = 0) -> dict[str, Any]:
-    """Every metric of the evaluation report; `probabilities` rows follow `patients`' rows in order.
+def _truths(arrays: Arrays, patients: list[str]) -> list[np.ndarray]:
+    return [np.asarray(arrays.masks[r.start:r.stop]).astype(bool) for r in map(arrays.rows, patients)]
 
-    Masks are made by `postprocessing.binarize(probability, threshold, min_area)`, as in serving."""
+
+def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, post: PostprocessConfig) -> dict[str, Any]:
+    """Every metric of the evaluation report; `probabilities` rows follow `patients`' rows in order. Each
+    patient's masks come from `postprocessing.mask_stack`, the engine's rule for a patient's stack."""
     per_patient, slice_dices, pooled = [], [], Counts(0, 0, 0)
     lesions = detected = false_positives = 0
     offset = 0
-    for patient in patients:
-        rows = arrays.rows(patient)
-        target = np.asarray(arrays.masks[rows.start:rows.stop]).astype(bool)
-        pred = binarize(probabilities[offset:offset + len(rows)], threshold, min_area)
-        offset += len(rows)
+    for patient, target in zip(patients, _truths(arrays, patients)):
+        pred = mask_stack(probabilities[offset:offset + len(target)], post)
+        offset += len(target)
         c = counts(pred, target)
         pooled += c
         det = detection(pred, target)
         lesions, detected, false_positives = (lesions + det.lesions, detected + det.detected,
                                               false_positives + det.false_positives)
         slice_dices += [counts(p, t).dice for p, t in zip(pred, target) if t.any()]
-        per_patient.append({"id": patient, "slices": len(rows), "lesion_slices": int(target.any(axis=(1, 2)).sum()),
-                            "dice": c.dice, "iou": c.iou, "hd95_px": hd95(pred, target),
+        per_patient.append({"id": patient, "slices": len(target), "lesion_slices": int(target.any(axis=(1, 2)).sum()),
+                            "dice": c.dice, "iou": c.iou, "hd95_px": hd95(pred, target), "predicted_px": int(pred.sum()),
                             "lesions": det.lesions, "detected": det.detected, "false_positives": det.false_positives})
     if offset != len(probabilities):
         raise ValueError(f"{len(probabilities)} probability maps for {offset} slices")
@@ -77,11 +115,12 @@ def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, thres
     return {
         "patients": len(patients),
         "slices": offset,
-        "threshold": threshold,
-        "min_lesion_px": min_area,
+        "postprocess": dataclasses.asdict(post),
         "dice_per_patient_mean": statistics.fmean(dices),
         "dice_per_patient_median": statistics.median(dices),
         "dice_per_patient_std": statistics.pstdev(dices),
+        "dice_per_patient_min": min(dices),
+        "empty_predictions": sum(1 for p in per_patient if p["predicted_px"] == 0 and p["lesion_slices"]),
         "dice_lesion_slices_mean": _mean(slice_dices),
         "lesion_slices": len(slice_dices),
         "dice_pooled": pooled.dice,
@@ -95,35 +134,47 @@ def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, thres
     }
 
 
-def predict_patients(model: nn.Module, arrays: Arrays, patients: list[str], bf16: bool = False,
-                     batch_size: int = 16, progress: bool = False) -> np.ndarray:
-    """Probabilities of every slice of the patients, in their order: the rows `report` expects."""
-    rows = [i for p in patients for i in arrays.rows(p)]
-    return predict_probabilities(model, arrays.images[rows] if rows else arrays.images[:0], batch_size, bf16,
-                                 progress)
-
-
-def evaluate(model: nn.Module, arrays: Arrays, patients: list[str], threshold: float, bf16: bool = False,
-             batch_size: int = 16, progress: bool = False, min_area: float = 0) -> dict[str, Any]:
-    probs = predict_patients(model, arrays, patients, bf16, batch_size, progress)
-    return report(arrays, patients, probs, threshold, min_area)
-
-
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-MIN_AREAS = (0, 10, 25, 50, 100, 200, 400)
+THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.2, 0.851, 0.05))
+MIN_VOXELS = (0, 50, 200, 500, 1000)  # at 256², a 1,000-voxel lesion is ~4 slices of an 18-px disc
+MIN_AREAS = (0, 10, 25, 50, 100, 200)
 
 
 def tune_postprocessing(arrays: Arrays, patients: list[str], probabilities: np.ndarray) -> dict[str, Any]:
-    """The threshold and smallest-lesion area that maximise mean per-patient Dice on these (validation)
-    patients. Ties go to the plainer setting (0.5, then the smaller area)."""
-    truths = [np.asarray(arrays.masks[r.start:r.stop]).astype(bool) for r in map(arrays.rows, patients)]
+    """Per lesion mode, the threshold and smallest 3-D lesion that maximise mean per-patient Dice on these
+    (validation) patients; then the 2-D rule's smallest area for lone slices at that threshold.
+
+    A threshold is chosen on a plateau, not a spike: each is scored by the mean Dice of itself and its two
+    neighbours on the grid. Ties go to the plainer setting (nearer 0.5, then the smaller size)."""
+    truths = _truths(arrays, patients)
     bounds = np.cumsum([0] + [len(t) for t in truths])
+    stacks = [probabilities[a:b] for a, b in zip(bounds, bounds[1:])]
     grid = []
     for threshold in THRESHOLDS:
-        for area in MIN_AREAS:
-            masks = binarize(probabilities, threshold, area)
-            dice = statistics.fmean(counts(masks[a:b], t).dice for a, b, t in zip(bounds, bounds[1:], truths))
-            grid.append({"threshold": threshold, "min_lesion_px": area, "dice_per_patient_mean": dice})
-    best = max(grid, key=lambda g: (round(g["dice_per_patient_mean"], 6), -abs(g["threshold"] - 0.5),
-                                    -g["min_lesion_px"]))
-    return {**best, "grid": grid}
+        labelled = [components(p >= threshold) for p in stacks]
+        for mode in LESION_MODES:
+            for voxels in MIN_VOXELS:
+                dice = statistics.fmean(counts(keep_components(p, labels, n, mode, voxels), t).dice
+                                        for p, (labels, n), t in zip(stacks, labelled, truths))
+                grid.append({"threshold": threshold, "mode": mode, "min_lesion_voxels": voxels,
+                             "dice_per_patient_mean": dice})
+    for g in grid:
+        near = [h["dice_per_patient_mean"] for h in grid if h["mode"] == g["mode"]
+                and h["min_lesion_voxels"] == g["min_lesion_voxels"] and abs(h["threshold"] - g["threshold"]) < 0.051]
+        g["plateau_dice"] = statistics.fmean(near)
+    modes = {}
+    for mode in LESION_MODES:
+        best = max((g for g in grid if g["mode"] == mode),
+                   key=lambda g: (round(g["plateau_dice"], 6), -abs(g["threshold"] - 0.5), -g["min_lesion_voxels"]))
+        area = _tune_min_area(stacks, truths, best["threshold"])
+        modes[mode] = {"post": dataclasses.asdict(PostprocessConfig(best["threshold"], area, mode, best["min_lesion_voxels"])),
+                       "dice_per_patient_mean": best["dice_per_patient_mean"], "plateau_dice": best["plateau_dice"]}
+    chosen = max(LESION_MODES, key=lambda m: (round(modes[m]["dice_per_patient_mean"], 6), m == "multiple"))
+    return {"post": modes[chosen]["post"], "mode": chosen, "modes": modes, "grid": grid}
+
+
+def _tune_min_area(stacks: list[np.ndarray], truths: list[np.ndarray], threshold: float) -> int:
+    """The 2-D rule, slices taken alone: the smallest-area filter that scores best at this threshold."""
+    def score(area: int) -> float:
+        return statistics.fmean(counts(binarize(p, threshold, area), t).dice for p, t in zip(stacks, truths))
+
+    return max(MIN_AREAS, key=lambda a: (round(score(a), 6), -a))

@@ -1,12 +1,14 @@
-"""The inference engine: a model loaded once that turns slices and volumes of any size into lesion masks.
+"""The inference engine: a model loaded once that turns slices, stacks and volumes of any size into lesion masks.
 
-    Network    one trained model: preprocessed batches (B, 3, S, S) -> logits, with ONNX Runtime when an
-               up-to-date `<checkpoint>.onnx` lies beside the checkpoint (`brainmets export`), else PyTorch
+    Network    one trained model: preprocessed batches (B, 3, S, S) -> logits. OpenVINO (bf16 where the CPU
+               has it) or ONNX Runtime on the `<checkpoint>.onnx` exported from this very checkpoint
+               (`brainmets export`), else PyTorch
     Predictor  one network, or `ensemble` averaging both shipped ones; image -> probability, mask, lesions
 
-Each slice goes through exactly the training preprocessing (`preprocess`, at the model's input size);
-the probability map is resized back to the slice's own size before thresholding at the model's
-threshold, so the mask matches the image pixel for pixel.
+Each slice goes through exactly the training preprocessing (`preprocess`, at the model's input size), once
+whatever the number of networks; the probability map is resized back to the slice's own size, then the
+model's post-processing (`brainmets.postprocessing`) makes the mask: the 2-D rule for a lone slice, the 3-D
+rule for a stack. `brainmets evaluate` and `ship` measure through this same engine.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,22 +25,22 @@ from pathlib import Path
 import cv2
 import nibabel as nib
 import numpy as np
-import onnxruntime as ort
+import onnx
 import torch
 from scipy.special import expit
 
-from brainmets.config import TrainConfig
-from brainmets.postprocessing import binarize
+from brainmets.config import PostprocessConfig, TrainConfig
+from brainmets.postprocessing import mask_slice, mask_stack
 from brainmets.preprocessing import preprocess
 from brainmets.readers import Volume, axial_slices, stack_axial
-from brainmets.registry import SHIPPED, resolve
+from brainmets.registry import ENSEMBLE, SHIPPED, best_name, ensemble_post, resolve
 from brainmets.training import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "onnxruntime", "torch")
-ENSEMBLE = "ensemble"
-BATCH = 8  # slices per forward pass (x3 with TTA): fewer calls for volumes, ~50 MB of activations at 256²
+RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
+PRECISIONS = ("auto", "bf16", "f32")  # OpenVINO's inference precision; auto: bf16 where the CPU has it
+BATCH = 16  # slices per forward pass (x3 with TTA): fewer calls for stacks, ~100 MB of activations at 256²
 ONNX_SHA_KEY = "checkpoint_sha256"  # ONNX metadata: the checkpoint the file was exported from
 
 
@@ -49,12 +52,20 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def onnx_session(path: Path, threads: int = 0, spinning: bool = False) -> ort.InferenceSession:
+def exported_from(onnx_path: Path) -> str | None:
+    """The SHA-256 of the checkpoint an ONNX file was exported from (its metadata), None if unmarked."""
+    meta = onnx.load_model(str(onnx_path), load_external_data=False).metadata_props
+    return next((p.value for p in meta if p.key == ONNX_SHA_KEY), None)
+
+
+def onnx_session(path: Path, threads: int = 0, spinning: bool = False):
     """An ONNX Runtime CPU session with every graph optimisation (fusions, constant folding, layouts).
 
     `threads` 0 lets ORT use one per physical core. Without `spinning`, idle worker threads sleep
     instead of busy-waiting for the next op, leaving the cores to the server's event loop and decoding.
     """
+    import onnxruntime as ort  # the fallback runtime: not imported when OpenVINO serves
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -64,33 +75,73 @@ def onnx_session(path: Path, threads: int = 0, spinning: bool = False) -> ort.In
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def openvino_model(path: Path, threads: int = 0, precision: str = "auto"):
+    """The ONNX file compiled by OpenVINO for the CPU, with its inference precision ('bf16' or 'f32').
+
+    Compiled models are cached under `$BRAINMETS_CACHE/openvino`, so a second start skips compilation."""
+    import openvino as ov
+
+    from brainmets.cache import cache_root
+
+    core = ov.Core()
+    core.set_property({"CACHE_DIR": str(cache_root() / "openvino")})
+    has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    hint = "bf16" if precision == "bf16" or (precision == "auto" and has_bf16) else "f32"
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(str(path), "CPU", config)
+    return compiled, compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def openvino_forward(compiled) -> Callable[[np.ndarray], np.ndarray]:
+    """An infer request per calling thread: the API runs requests in a pool, and one request is not reentrant."""
+    local = threading.local()
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        if not hasattr(local, "request"):
+            local.request = compiled.create_infer_request()
+        return local.request.infer({0: x})[0]
+
+    return forward
+
+
 class Network:
     """One trained model, loaded once: float32 (B, 3, S, S) in [0, 1] -> logits (B, 1, S, S)."""
 
     def __init__(self, cfg: TrainConfig, checkpoint: Path, forward: Callable[[np.ndarray], np.ndarray],
-                 runtime: str):
-        self.cfg, self.checkpoint, self.forward, self.runtime = cfg, checkpoint, forward, runtime
+                 runtime: str, precision: str = "f32"):
+        self.cfg, self.checkpoint, self.forward = cfg, checkpoint, forward
+        self.runtime, self.precision = runtime, precision
 
     @classmethod
-    def load(cls, checkpoint: Path, runtime: str = "auto", threads: int = 0) -> Network:
-        """`runtime`: 'onnxruntime' needs `<checkpoint>.onnx` exported from this very checkpoint; 'auto'
-        uses it when it is there and falls back to PyTorch otherwise. `threads` 0: the runtime's default."""
+    def load(cls, checkpoint: Path, runtime: str = "auto", threads: int = 0, precision: str = "auto") -> Network:
+        """`runtime`: 'openvino' and 'onnxruntime' need `<checkpoint>.onnx` exported from this very checkpoint;
+        'auto' is OpenVINO when it is there and PyTorch otherwise. `threads` 0: the runtime's default.
+        `precision` applies to OpenVINO; the others run float32."""
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         checkpoint = Path(checkpoint)
         ckpt = load_checkpoint(checkpoint)
+        cfg = TrainConfig.from_dict(ckpt["config"])
         onnx_path = checkpoint.with_suffix(".onnx")
-        if runtime != "torch" and onnx_path.exists():
-            session = onnx_session(onnx_path, threads)
-            exported_from = session.get_modelmeta().custom_metadata_map.get(ONNX_SHA_KEY)
-            if exported_from == file_sha256(checkpoint):
-                cfg = TrainConfig.from_dict(ckpt["config"])
+        if runtime != "torch":
+            if not onnx_path.exists():
+                if runtime != "auto":
+                    raise FileNotFoundError(f"no {onnx_path}; run `brainmets export {checkpoint}`")
+            elif exported_from(onnx_path) != file_sha256(checkpoint):
+                if runtime != "auto":
+                    raise ValueError(f"{onnx_path} was not exported from {checkpoint}; "
+                                     f"run `brainmets export {checkpoint}`")
+                log.warning("%s is stale (not exported from %s); using PyTorch", onnx_path, checkpoint)
+            elif runtime == "onnxruntime":
+                session = onnx_session(onnx_path, threads)
                 return cls(cfg, checkpoint, lambda x: session.run(None, {"image": x})[0], "onnxruntime")
-            if runtime == "onnxruntime":
-                raise ValueError(f"{onnx_path} was not exported from {checkpoint}; run `brainmets export {checkpoint}`")
-            log.warning("%s is stale (not exported from %s); using PyTorch", onnx_path, checkpoint)
-        elif runtime == "onnxruntime":
-            raise FileNotFoundError(f"no {onnx_path}; run `brainmets export {checkpoint}`")
+            else:
+                compiled, used = openvino_model(onnx_path, threads, precision)
+                return cls(cfg, checkpoint, openvino_forward(compiled), "openvino", used)
         model, cfg = model_from_checkpoint(ckpt)
         if threads:
             torch.set_num_threads(threads)
@@ -105,26 +156,6 @@ class Network:
         """One forward pass, so kernel selection and allocations are not paid by the first request."""
         size = self.cfg.preprocess.image_size
         self.forward(np.zeros((1, 3, size, size), np.float32))
-
-    def probabilities(self, images: Sequence[np.ndarray], tta: bool = False) -> np.ndarray:
-        """float32 (N, S, S) at the model's input size. `tta` averages the slice with its horizontal and
-        vertical flips (the flips of the training augmentation), at 3x the cost."""
-        out = []
-        for start in range(0, len(images), BATCH):
-            x = np.stack([self._preprocess(im) for im in images[start:start + BATCH]])
-            if not tta:
-                out.append(expit(self.forward(x)[:, 0]))
-                continue
-            n = len(x)
-            p = expit(self.forward(np.concatenate([x, x[..., ::-1], x[..., ::-1, :]]))[:, 0])
-            out.append((p[:n] + p[n:2 * n, :, ::-1] + p[2 * n:, ::-1, :]) / 3)
-        return np.concatenate(out).astype(np.float32, copy=False)
-
-    def _preprocess(self, image: np.ndarray) -> np.ndarray:
-        try:
-            return preprocess(image, self.cfg.preprocess)
-        except ValueError as e:
-            raise InputError(str(e)) from e
 
 
 @dataclass(frozen=True)
@@ -208,68 +239,116 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-class Predictor:
-    """One network, or several whose probabilities are averaged (thresholded at their mean threshold)."""
+@dataclass
+class StackPrediction:
+    """A patient's slices (or a volume's axial slices) segmented together, in their order."""
 
-    def __init__(self, networks: Sequence[Network], name: str):
+    probability: np.ndarray  # float32 (N, H, W) in [0, 1]
+    mask: np.ndarray  # bool (N, H, W), after the model's 3-D post-processing
+    seconds: float = 0.0
+
+
+class Predictor:
+    """One network, or several whose probabilities are averaged, with the post-processing that goes with them:
+    a network's own (its config), or for the ensemble the rule tuned for it (`models/ensemble/`)."""
+
+    def __init__(self, networks: Sequence[Network], name: str, post: PostprocessConfig | None = None):
         if not networks:
             raise ValueError("a Predictor needs at least one network")
+        sizes = {n.cfg.preprocess for n in networks}
+        if len(sizes) > 1:
+            raise ValueError(f"networks preprocess differently ({sizes}); an ensemble needs one preprocessing")
         self.networks, self.name = list(networks), name
-        self.threshold = float(np.mean([n.cfg.threshold for n in self.networks]))
-        # The smallest lesion kept, in pixels of the networks' input (image_size²).
-        self.min_area = float(np.mean([n.cfg.min_lesion_px for n in self.networks]))
-        self.input_px = float(np.mean([n.cfg.preprocess.image_size ** 2 for n in self.networks]))
+        self.preprocess_cfg = networks[0].cfg.preprocess
+        self.post = post or (networks[0].cfg.post if len(networks) == 1 else _mean_post(networks))
 
     @classmethod
-    def load(cls, name_or_path: str | Path, runtime: str = "auto", threads: int = 0) -> Predictor:
+    def load(cls, name_or_path: str | Path, runtime: str = "auto", threads: int = 0,
+             precision: str = "auto") -> Predictor:
         """`ensemble`, a shipped name (`unetpp`, `attention-unet`, `best`), a checkpoint or a run folder,
         all through `brainmets.registry.resolve`."""
-        names = SHIPPED if str(name_or_path) == ENSEMBLE else (name_or_path,)
-        return cls([Network.load(resolve(n), runtime, threads) for n in names], str(name_or_path))
+        name = best_name() if str(name_or_path) == "best" else str(name_or_path)
+        if name == ENSEMBLE:
+            return cls([Network.load(resolve(n), runtime, threads, precision) for n in SHIPPED], name,
+                       ensemble_post())
+        return cls([Network.load(resolve(name), runtime, threads, precision)], name)
+
+    @property
+    def input_px(self) -> int:
+        return self.preprocess_cfg.image_size ** 2
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """float32 (N, 3, S, S): exactly the training preprocessing, done once for all the networks."""
+        try:
+            return np.stack([preprocess(im, self.preprocess_cfg) for im in images])
+        except ValueError as e:
+            raise InputError(str(e)) from e
+
+    def model_probabilities(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
+        """float32 (N, S, S) for preprocessed (N, 3, S, S), averaged over the networks. `tta` averages each
+        slice with its horizontal and vertical flips (the flips of the training augmentation), at 3x the cost."""
+        out = np.empty((len(x), *x.shape[2:]), np.float32)
+        for start in range(0, len(x), BATCH):
+            batch = x[start:start + BATCH]
+            n = len(batch)
+            if tta:
+                batch = np.concatenate([batch, batch[..., ::-1], batch[..., ::-1, :]])
+            batch = np.ascontiguousarray(batch)
+            p = sum(expit(net.forward(batch)[:, 0]) for net in self.networks) / len(self.networks)
+            if tta:
+                p = (p[:n] + p[n:2 * n, :, ::-1] + p[2 * n:, ::-1, :]) / 3
+            out[start:start + n] = p
+        return out
 
     def probabilities(self, images: Sequence[np.ndarray], tta: bool = False) -> list[np.ndarray]:
-        """float32 (H, W) per image, each at its own size, averaged over the networks."""
-        total = [np.zeros(im.shape[:2], np.float32) for im in images]
-        for net in self.networks:
-            for acc, prob in zip(total, net.probabilities(images, tta)):
-                acc += resize_probability(prob, acc.shape)
-        return [acc / len(self.networks) for acc in total]
+        """float32 (H, W) per image, each at its own size."""
+        probs = self.model_probabilities(self.preprocess(images), tta)
+        return [resize_probability(p, im.shape[:2]) for p, im in zip(probs, images)]
+
+    def scale(self, shape: tuple[int, ...]) -> float:
+        """Pixels of an input slice per pixel of the network's input: post-processing sizes scale with it."""
+        return shape[-1] * shape[-2] / self.input_px
 
     def predict(self, image: np.ndarray, spacing: tuple[float, float] | None = None,
                 tta: bool = False) -> Prediction:
-        """One slice (H, W) or (H, W, C); `spacing` (mm between rows, between columns) adds mm² areas."""
+        """One slice (H, W) or (H, W, C) alone (the 2-D rule); `spacing` (mm between rows, between columns)
+        adds mm² areas."""
         t0 = time.perf_counter()
         prob = self.probabilities([image], tta)[0]
-        mask = self.binarize(prob)
+        mask = mask_slice(prob, self.post, self.scale(prob.shape))
         return Prediction(prob, mask, find_lesions(prob, mask, spacing), spacing, time.perf_counter() - t0)
 
-    def binarize(self, prob: np.ndarray) -> np.ndarray:
-        """The model's mask rule, with the smallest-lesion area scaled to this slice's size."""
-        return binarize(prob, self.threshold, self.min_area * prob.size / self.input_px)
+    def predict_stack(self, slices: Sequence[np.ndarray], tta: bool = False) -> StackPrediction:
+        """A patient's slices in anatomical order, all of one size: one batched pass, then the 3-D rule."""
+        t0 = time.perf_counter()
+        if not slices:
+            raise InputError("no slices to segment")
+        if len({im.shape[:2] for im in slices}) > 1:
+            raise InputError(f"the slices of one stack differ in size ({sorted({im.shape[:2] for im in slices})}); "
+                             f"a patient's slices must share one size")
+        prob = np.stack(self.probabilities(slices, tta))
+        return StackPrediction(prob, self.mask_stack(prob), time.perf_counter() - t0)
+
+    def mask_stack(self, probability: np.ndarray) -> np.ndarray:
+        return mask_stack(probability, self.post, self.scale(probability.shape))
 
     def predict_volume(self, volume: Volume, tta: bool = False) -> VolumePrediction:
-        """Slice by slice along the axis nearest the patient's inferior-superior axis, each slice shown to
-        the network as the training slices were: radiological view, anterior up, patient's right on the left."""
+        """Along the axis nearest the patient's inferior-superior axis, each slice shown to the network as the
+        training slices were (radiological view, anterior up, patient's right on the left), then the 3-D rule."""
         t0 = time.perf_counter()
         slices, _ = axial_slices(volume)
-        masks = [self.binarize(p).astype(np.uint8) for p in self.probabilities(slices, tta)]
-        mask = stack_axial(masks, volume)
+        stack = self.predict_stack(slices, tta)
+        mask = stack_axial(list(stack.mask.astype(np.uint8)), volume)
         return VolumePrediction(mask, volume.voxel_mm3, volume.affine, volume.header, time.perf_counter() - t0)
 
-    def predict_stack(self, slices: Sequence[np.ndarray], spacing: tuple[float, float, float] | None = None,
-                      tta: bool = False) -> StackPrediction:
-        """One study's slices in order, each (H, W) or (H, W, C), all the same size."""
-        t0 = time.perf_counter()
-        prob = np.stack(self.probabilities(slices, tta))
-        mask = np.stack([self.binarize(p) for p in prob])
-        return StackPrediction(prob, mask, time.perf_counter() - t0)
 
-
-@dataclass
-class StackPrediction:
-    probability: np.ndarray  # float32 (N, H, W)
-    mask: np.ndarray  # bool (N, H, W)
-    seconds: float = 0.0
+def _mean_post(networks: Sequence[Network]) -> PostprocessConfig:
+    """An ensemble never tuned on validation: the networks' own rules, averaged."""
+    posts = [n.cfg.post for n in networks]
+    return PostprocessConfig(threshold=float(np.mean([p.threshold for p in posts])),
+                             min_lesion_px=int(np.mean([p.min_lesion_px for p in posts])),
+                             mode=posts[0].mode if len({p.mode for p in posts}) == 1 else "multiple",
+                             min_lesion_voxels=int(np.mean([p.min_lesion_voxels for p in posts])))
 
 
 def resize_probability(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -7,6 +7,8 @@ training (the loss averages them) and only the last, finest one otherwise.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from monai.networks.nets import AttentionUnet, BasicUNetPlusPlus
 from torch import nn
@@ -58,3 +60,8 @@ def check_input(x: torch.Tensor) -> None:
     if x.ndim != 4 or x.shape[-1] % DIVISOR or x.shape[-2] % DIVISOR:
         raise ValueError(f"expected input (B, C, H, W) with H and W multiples of {DIVISOR}, got {tuple(x.shape)}; "
                          f"resize or pad the image")
+
+
+def autocast(bf16: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast where asked (avx512_bf16 CPUs and GPUs run it ~2x faster), else nothing."""
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

@@ -1,8 +1,10 @@
-"""Model names -> checkpoint files. Requests name models; only this fixed mapping turns names into paths.
+"""Model names -> files. Requests name models; only this fixed mapping turns names into paths.
 
 Shipped models live in `models/<name>/` (override with `$BRAINMETS_MODELS`): `model.pt`, `model.onnx`,
-`config.json`, `split.json`, `log.jsonl`, `metrics.json` (test evaluation) and `MODEL_CARD.md`.
-`best` is the shipped model with the higher test per-patient Dice in its `metrics.json`.
+`config.json`, `split.json`, `log.jsonl`, `metrics.json` (validation and test evaluation) and `MODEL_CARD.md`.
+`models/ensemble/` holds the ensemble's post-processing (`postprocess.json`, tuned on validation) and its
+metrics. `best` is whichever of the networks and the ensemble scored the higher per-patient Dice on the
+**validation** patients: the test patients are never used to choose.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import json
 import os
 from pathlib import Path
 
-from brainmets.config import MODEL_NAMES
+from brainmets.config import MODEL_NAMES, PostprocessConfig
 
 SHIPPED = MODEL_NAMES
+ENSEMBLE = "ensemble"
+CANDIDATES = (*SHIPPED, ENSEMBLE)  # what `best` may stand for
 
 
 def models_dir() -> Path:
@@ -25,18 +29,30 @@ def shipped_metrics(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def ensemble_post() -> PostprocessConfig | None:
+    """The ensemble's post-processing as tuned on validation, None where it was never tuned."""
+    path = models_dir() / ENSEMBLE / "postprocess.json"
+    return PostprocessConfig(**json.loads(path.read_text())) if path.exists() else None
+
+
+def validation_dice(name: str) -> float | None:
+    metrics = shipped_metrics(name)
+    return metrics["validation"]["dice_per_patient_mean"] if metrics and "validation" in metrics else None
+
+
 def best_name() -> str:
-    scored = [(m["dice_per_patient_mean"], n) for n in SHIPPED if (m := shipped_metrics(n))]
+    """The candidate with the highest validation per-patient Dice; the ensemble only when both networks are here."""
+    available = [n for n in SHIPPED if (models_dir() / n / "model.pt").is_file()]
+    candidates = available + ([ENSEMBLE] if len(available) == len(SHIPPED) else [])
+    scored = [(d, n) for n in candidates if (d := validation_dice(n)) is not None]
     if not scored:
-        raise FileNotFoundError(f"no shipped model with metrics.json under {models_dir()}")
+        raise FileNotFoundError(f"no shipped model with a validation score in metrics.json under {models_dir()}")
     return max(scored)[1]
 
 
 def resolve(name_or_path: str | Path) -> Path:
-    """A shipped name (`unetpp`, `attention-unet`, `best`), a checkpoint file, or a training run folder."""
+    """A shipped network's name, a checkpoint file, or a training run folder -> the checkpoint."""
     name = str(name_or_path)
-    if name == "best":
-        name = best_name()
     if name in SHIPPED:
         path = models_dir() / name / "model.pt"
         if not path.exists():
@@ -50,5 +66,5 @@ def resolve(name_or_path: str | Path) -> Path:
         raise FileNotFoundError(f"{path}: no best.pt or model.pt in this folder")
     if path.is_file():
         return path
-    raise FileNotFoundError(f"unknown model {name!r}: expected {', '.join(SHIPPED)}, best, a .pt checkpoint "
+    raise FileNotFoundError(f"unknown model {name!r}: expected {', '.join(CANDIDATES)}, best, a .pt checkpoint "
                             f"or a training run folder")

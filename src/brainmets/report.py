@@ -124,12 +124,13 @@ def plot_overlays(examples: list[tuple[str, str, np.ndarray, np.ndarray, np.ndar
 
 
 def overlay_examples(run: Run, arrays, predict) -> list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
-    """The best, median and worst test patients of `run`, each at its slice with the most lesion.
+    """The best, median and three worst test patients of `run`, each at its slice with the most lesion.
 
     `predict(images uint8 (N,S,S,3)) -> bool masks (N,S,S)`.
     """
     ranked = sorted(run.metrics["per_patient"], key=lambda p: p["dice"], reverse=True)
-    picks = [("best", ranked[0]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[-1])]
+    picks = [("best", ranked[0]), ("median", ranked[len(ranked) // 2]),
+             *((f"worst {i}", p) for i, p in enumerate(ranked[:-4:-1], 1))]
     examples = []
     for title, p in picks:
         rows = arrays.rows(p["id"])
@@ -142,7 +143,48 @@ def overlay_examples(run: Run, arrays, predict) -> list[tuple[str, str, np.ndarr
     return examples
 
 
-def write_results(runs: list[Run], docs: Path, examples=None) -> Path:
+def selection_table(shipped: dict[str, dict], best: str) -> str:
+    """The shipped candidates as `best` chooses between them (validation) beside what test then said."""
+    head = ["candidate", "validation Dice / patient", "mode", "threshold", "min 3-D lesion (voxels)",
+            "test Dice / patient (mean)", "(median)", "worst test patient", "empty predictions",
+            "FP lesions / patient", "test Dice, other mode", "test Dice, FLAIR only", "runtime"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in shipped.items():
+        post = m["postprocess"]
+        other = next(r for mode, r in m["test_by_mode"].items() if mode != post["mode"])
+        cells = [f"**{name}** (`best`)" if name == best else name, _fmt(m["validation"]["dice_per_patient_mean"]),
+                 post["mode"], _fmt(post["threshold"]), str(post["min_lesion_voxels"]),
+                 _fmt(m["dice_per_patient_mean"]), _fmt(m["dice_per_patient_median"]), _fmt(m["dice_per_patient_min"]),
+                 str(m["empty_predictions"]), _fmt(m["lesion_fp_per_patient"]),
+                 _fmt(other["dice_per_patient_mean"]), _fmt(m["flair_only"]["dice_per_patient_mean"]),
+                 f"{m['runtime']} {m['precision']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_threshold_curves(shipped: dict[str, dict], out: Path) -> None:
+    """Validation Dice against the threshold, per candidate and lesion mode, at the chosen smallest lesion."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, m in shipped.items():
+        post = m["postprocess"]
+        for mode in ("single", "multiple"):
+            voxels = m["validation_tuning"]["modes"][mode]["post"]["min_lesion_voxels"]
+            points = sorted((g["threshold"], g["dice_per_patient_mean"]) for g in m["validation_tuning"]["grid"]
+                            if g["mode"] == mode and g["min_lesion_voxels"] == voxels)
+            line, = ax.plot(*zip(*points), marker=".", linestyle="-" if mode == "multiple" else "--",
+                            label=f"{name}, {mode} (≥{voxels} vox)")
+            if mode == post["mode"]:
+                ax.axvline(post["threshold"], color=line.get_color(), alpha=0.4, linewidth=3)
+    ax.set(xlabel="threshold", ylabel="validation Dice per patient")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_results(runs: list[Run], docs: Path, examples=None, shipped: dict[str, dict] | None = None,
+                  best: str | None = None) -> Path:
     """docs/results.md and its figures (results-*.png)."""
     docs.mkdir(parents=True, exist_ok=True)
     plot_training_curves(runs, docs / "results-training-curves.png")
@@ -165,10 +207,18 @@ def write_results(runs: list[Run], docs: Path, examples=None) -> Path:
         "![Dice per test patient](results-dice-per-patient.png)",
         "",
     ]
+    if shipped:
+        plot_threshold_curves(shipped, docs / "results-thresholds.png")
+        lines += ["## Choosing `best`, on validation only", "",
+                  "Each candidate's post-processing (threshold, lesion mode, smallest 3-D lesion) was tuned on the",
+                  "validation patients, thresholds on a plateau (each scored with its two neighbours), and `best`",
+                  "is the candidate with the higher validation Dice; the test columns were computed once, after.",
+                  "", selection_table(shipped, best), "",
+                  "![validation Dice against the threshold](results-thresholds.png)", ""]
     if examples:
         plot_overlays(examples, docs / "results-overlays.png")
-        lines += [f"Examples of {runs[0].label}: the best, median and worst test patients.", "",
-                  "![overlays](results-overlays.png)", ""]
+        lines += [f"Examples of {runs[0].label}: the best, median and three worst test patients (ground truth",
+                  "green, prediction red).", "", "![overlays](results-overlays.png)", ""]
     out = docs / "results.md"
     out.write_text("\n".join(lines))
     return out

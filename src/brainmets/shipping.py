@@ -1,7 +1,9 @@
-"""Turn a finished training run into a shipped model folder, `models/<name>/`.
+"""Turn a finished training run into a shipped model folder, `models/<name>/`, and tune the ensemble.
 
 model.pt (the best epoch's weights and config, no optimizer), model.onnx, config.json, split.json,
-log.jsonl, metrics.json (evaluation on the run's own test patients) and MODEL_CARD.md.
+log.jsonl, metrics.json (validation and test evaluation) and MODEL_CARD.md. Every choice is made on the
+validation patients (the epoch during training; here the threshold, the lesion mode and sizes), through the
+serving engine; the test patients are then scored once with what was chosen.
 """
 
 from __future__ import annotations
@@ -10,39 +12,103 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from brainmets.cache import Arrays
-from brainmets.evaluation import evaluate, predict_patients, tune_postprocessing
+from brainmets.config import PostprocessConfig
+from brainmets.evaluation import engine_probabilities, evaluate, report, tune_postprocessing
+from brainmets.inference import Network, Predictor
 from brainmets.models import count_parameters
+from brainmets.registry import ENSEMBLE, SHIPPED, best_name
 from brainmets.report import Run
 from brainmets.training import load_checkpoint, model_from_checkpoint, save_atomic
 
 
+def summary(r: dict[str, Any]) -> dict[str, Any]:
+    """A report without its per-patient rows."""
+    return {k: v for k, v in r.items() if k != "per_patient"}
+
+
+def choose_and_score(predictor: Predictor, arrays: Arrays, split: dict[str, list[str]]) -> tuple[PostprocessConfig, dict]:
+    """Tune post-processing on validation, then score test with it (and with the other lesion mode, and with
+    FLAIR alone in all three channels), all through `predictor`'s engine."""
+    val = engine_probabilities(predictor, arrays, split["val"], progress=True)
+    tuned = tune_postprocessing(arrays, split["val"], val)
+    post = PostprocessConfig(**tuned["post"])
+    test = engine_probabilities(predictor, arrays, split["test"], progress=True)
+    chosen = report(arrays, split["test"], test, post)
+    modes = {m: summary(report(arrays, split["test"], test, PostprocessConfig(**t["post"])))
+             for m, t in tuned["modes"].items()}
+    predictor.post = post
+    flair = evaluate(predictor, arrays, split["test"], flair=True, progress=True)
+    network = predictor.networks[0]
+    metrics = {"split": "test", "runtime": network.runtime, "precision": network.precision,
+               "validation_tuning": tuned, "validation": summary(report(arrays, split["val"], val, post)),
+               "test_by_mode": modes, "flair_only": summary(flair), **chosen}
+    return post, metrics
+
+
 def ship(run: Path, arrays: Arrays, out: Path, hardware: str, data_label: str, onnx: bool = True) -> dict:
+    """`run`: a training run folder (best.pt) or a shipped folder (model.pt), which may be `out` itself."""
     run, out = Path(run), Path(out)
-    ckpt = load_checkpoint(run / "best.pt")
+    ckpt = load_checkpoint(run / "best.pt" if (run / "best.pt").exists() else run / "model.pt")
     model, cfg = model_from_checkpoint(ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    # Post-processing is chosen on the validation patients, like the epoch; test stays unseen.
-    val = ckpt["split"]["val"]
-    tuned = tune_postprocessing(arrays, val, predict_patients(model, arrays, val, progress=True))
-    cfg = dataclasses.replace(cfg, threshold=tuned["threshold"], min_lesion_px=tuned["min_lesion_px"])
-    keep = ("model", "epoch", "best_val_dice", "split")
-    save_atomic({**{k: ckpt[k] for k in keep}, "config": cfg.to_dict()}, out / "model.pt")
-    cfg.save(out / "config.json")
     for name in ("split.json", "log.jsonl"):
-        shutil.copyfile(run / name, out / name)
-    test = ckpt["split"]["test"]
-    metrics = {"model": cfg.name, "split": "test", "data": data_label, "checkpoint_epoch": ckpt["epoch"],
-               "validation_tuning": tuned,
-               **evaluate(model, arrays, test, cfg.threshold, progress=True, min_area=cfg.min_lesion_px)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if onnx:
-        from brainmets.export import export_onnx
+        if not (out / name).exists() or not (out / name).samefile(run / name):
+            shutil.copyfile(run / name, out / name)
 
-        export_onnx(out / "model.pt", out / "model.onnx")
+    def write(cfg) -> Path:
+        keep = ("model", "epoch", "best_val_dice", "split")
+        save_atomic({**{k: ckpt[k] for k in keep}, "config": cfg.to_dict()}, out / "model.pt")
+        if onnx:
+            from brainmets.export import export_onnx
+
+            export_onnx(out / "model.pt", out / "model.onnx")
+        else:
+            (out / "model.onnx").unlink(missing_ok=True)
+        cfg.save(out / "config.json")
+        return out / "model.pt"
+
+    # The weights are written first so that tuning runs the very engine that will serve them; the tuned rule
+    # then goes into the config, which changes the checkpoint's hash, hence the second export.
+    predictor = Predictor([Network.load(write(cfg))], cfg.name)
+    post, scores = choose_and_score(predictor, arrays, ckpt["split"])
+    cfg = cfg.with_post(post)
+    write(cfg)
+    metrics = {"model": cfg.name, "data": data_label, "checkpoint_epoch": ckpt["epoch"], **scores}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_model_card(out, Run.load(cfg.name, out), count_parameters(model), ckpt["epoch"], hardware, data_label)
     return metrics
+
+
+def ship_ensemble(models: Path, arrays: Arrays, data_label: str) -> dict:
+    """`models/ensemble/`: the post-processing of both shipped networks averaged, tuned on their (shared)
+    validation patients, and its metrics; then says which of the three validation prefers as `best`."""
+    splits = [json.loads((models / n / "split.json").read_text()) for n in SHIPPED]
+    if any(s[k] != splits[0][k] for s in splits for k in ("val", "test")):
+        raise ValueError("the shipped networks were split differently; an ensemble needs one validation and test set")
+    predictor = Predictor([Network.load(models / n / "model.pt") for n in SHIPPED], ENSEMBLE)
+    post, scores = choose_and_score(predictor, arrays, splits[0])
+    folder = models / ENSEMBLE
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "postprocess.json").write_text(json.dumps(dataclasses.asdict(post), indent=2) + "\n")
+    metrics = {"model": ENSEMBLE, "members": list(SHIPPED), "data": data_label, **scores}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return {**metrics, "best": best_name()}
+
+
+def _mode_text(cfg) -> str:
+    size = f" of at least {cfg.min_lesion_voxels} voxels" if cfg.min_lesion_voxels else ""
+    if cfg.lesion_mode == "single":
+        return f"only the 3-D lesion{size} with the largest summed probability (`single` mode: one lesion per patient)"
+    return f"every 3-D lesion{size} (`multiple` mode)"
+
+
+def _other_modes(m: dict) -> str:
+    return " ".join(f"In `{mode}` mode: Dice per patient mean {r['dice_per_patient_mean']:.3f}, "
+                    f"{r['lesion_fp_per_patient']:.2f} false-positive lesions per patient."
+                    for mode, r in m["test_by_mode"].items())
 
 
 def write_model_card(folder: Path, run: Run, params: int, best_epoch: int, hardware: str, data_label: str) -> None:
@@ -57,9 +123,10 @@ def write_model_card(folder: Path, run: Run, params: int, best_epoch: int, hardw
 
 - **Network**: MONAI {'BasicUNetPlusPlus' if cfg.name == 'unetpp' else 'AttentionUnet'}, widths {list(cfg.model.widths)}, \
 {params / 1e6:.2f} M parameters; input 3 × {cfg.preprocess.image_size}² (pre-contrast, FLAIR, post-contrast), \
-output one lesion logit per pixel; threshold {cfg.threshold} on the sigmoid, then components under \
-{cfg.min_lesion_px} px dropped per slice (both chosen on the validation patients: per-patient Dice \
-{m['validation_tuning']['dice_per_patient_mean']:.3f} there).
+output one lesion logit per pixel. **Post-processing** (chosen on the validation patients, per-patient Dice \
+{m['validation']['dice_per_patient_mean']:.3f} there): threshold {cfg.threshold} on the sigmoid; a patient's \
+stack (or a volume, a study) keeps {_mode_text(cfg)}; a lone slice drops components under {cfg.min_lesion_px} px. \
+Served by {m['runtime']} ({m['precision']}), which is also what every number below was measured with.
 - **Data**: {data_label}; split by patient (seed {split['seed']}): {len(split['train'])} train, \
 {len(split['val'])} validation, {len(split['test'])} test patients (`split.json`).
 - **Preprocessing**: CLAHE (clip {cfg.preprocess.clahe_clip}, {cfg.preprocess.clahe_tile}×{cfg.preprocess.clahe_tile} \
@@ -71,10 +138,13 @@ per-patient Dice {max(h['val_dice'] for h in run.log):.3f} at epoch {best_epoch}
 Dice per lesion slice {fmt(m['dice_lesion_slices_mean'])}, pooled Dice {fmt(m['dice_pooled'])}, IoU \
 {fmt(m['iou_pooled'])}, precision {fmt(m['precision_pooled'])}, recall {fmt(m['recall_pooled'])}, HD95 \
 {fmt(m['hd95_px_mean'])} px, lesion sensitivity {fmt(m['lesion_sensitivity'])}, \
-{fmt(m['lesion_fp_per_patient'])} false-positive lesions per patient. Full report: `metrics.json`.
+{fmt(m['lesion_fp_per_patient'])} false-positive lesions per patient; worst patient {fmt(m['dice_per_patient_min'])}, \
+{m['empty_predictions']} patients with a lesion left empty. {_other_modes(m)} With FLAIR alone in all three \
+channels (a study without T1 series): Dice per patient mean {fmt(m['flair_only']['dice_per_patient_mean'])}. \
+Full report: `metrics.json`.
 - **Reproduce**: `brainmets evaluate --data <Data.zip of the test patients> --model {cfg.name} --split all`.
 - **Known limits**: trained on {len(split['train'])} patients of one public collection (TCGA lower-grade \
 glioma, 5 institutions, FLAIR-abnormality masks by one reader); not validated on metastases, other scanners \
-or protocols; 2-D slice by slice, so no 3-D context; research use only, not a medical device.
+or protocols; the network sees one slice at a time (only the post-processing works in 3-D); research use only, not a medical device.
 """
     (folder / "MODEL_CARD.md").write_text(text)

@@ -95,6 +95,14 @@ class Study:
     affine: np.ndarray | None = None  # other input: voxel (column, row, slice) -> RAS mm
     files: list[str] = field(default_factory=list)  # numbered slices: the file each slice came from
 
+    def mask_slices(self, nifti: bytes) -> np.ndarray:
+        """A mask of this study as NIfTI (`StudyResult.nifti_gz`, or the API's) back in slice order: bool
+        (N, H, W), the inverse of `StudyResult.on_grid`."""
+        mask = read_volume(nifti)
+        if self.volume is not None:
+            return np.stack(axial_slices(mask)[0]) > 0
+        return np.asarray(mask.data).transpose(2, 1, 0) > 0
+
 
 # --- DICOM -----------------------------------------------------------------------------------------------
 

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from brainmets.augmentation import train_transform
 from brainmets.cache import Arrays
 from brainmets.config import TrainConfig
-from brainmets.evaluation import autocast, evaluate
-from brainmets.models import build_model
+from brainmets.evaluation import validate
+from brainmets.models import autocast, build_model
 from brainmets.preprocessing import normalize
 from brainmets.split import Split
 
@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
             bar.remove_task(batch_task)
             train_seconds = time.monotonic() - t0
             # validate (first process; the others wait for its verdict)
-            val = evaluate(_plain(model), arrays, split.val, cfg.threshold, bf16=cfg.bf16) if lead else None
+            val = validate(_plain(model), arrays, split.val, cfg.post, bf16=cfg.bf16) if lead else None
             if world > 1:
                 shared = [val]
                 dist.broadcast_object_list(shared, src=0)

@@ -27,14 +27,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.preload:  # in a worker thread: loading takes seconds and the loop must stay free
-            await asyncio.get_running_loop().run_in_executor(None, app.state.models.preload)
+        if settings.preload:
+            # In the background: /health answers at once while the models compile (seconds; a second start reads
+            # OpenVINO's cache); a request that comes first waits for its model behind the loading lock.
+            loading = asyncio.get_running_loop().run_in_executor(None, app.state.models.preload)
         yield
+        if settings.preload:
+            await loading
         app.state.pool.shutdown()
 
     app = FastAPI(title="brainmets", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
-    app.state.models = Models(settings.runtime, settings.threads)
+    app.state.models = Models(settings.runtime, settings.threads, settings.precision)
     app.state.pool = InferencePool(settings.workers, settings.queue)
     errors.install(app)
     if settings.cors_origins:

@@ -29,6 +29,7 @@ class StudyFormat(str, Enum):
     json = "json"
     nifti = "nifti"
     dicom_seg = "dicom-seg"
+    zip = "zip"
 
 
 class Health(BaseModel):

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import math
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from brainmets import study_results
 from brainmets.api.schemas import LesionOut, ModelInfo, SegmentResponse, StudyResponse
 from brainmets.config import TrainConfig
-from brainmets.inference import ENSEMBLE, Network, Prediction, Predictor
+from brainmets.inference import Network, Prediction, Predictor
 from brainmets.readers import read_slice, read_volume
-from brainmets.registry import SHIPPED, best_name, models_dir, resolve, shipped_metrics
+from brainmets.registry import ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir, resolve, shipped_metrics
 from brainmets.study import Limits, study_from_upload, study_from_volume
 
 
@@ -31,8 +33,8 @@ class Overloaded(Exception):
 class Models:
     """The shipped networks, each loaded on first use (or at start-up) and shared by `ensemble`."""
 
-    def __init__(self, runtime: str = "auto", threads: int = 0):
-        self.runtime, self.threads = runtime, threads
+    def __init__(self, runtime: str = "auto", threads: int = 0, precision: str = "auto"):
+        self.runtime, self.threads, self.precision = runtime, threads, precision
         self._networks: dict[str, Network] = {}
         self._lock = threading.Lock()
 
@@ -53,7 +55,7 @@ class Models:
                 except FileNotFoundError as e:
                     raise ModelNotInstalled(f"model {name!r} is not installed on this server; installed: "
                                             f"{', '.join(self.installed()) or 'none'}") from e
-                self._networks[name] = Network.load(path, self.runtime, self.threads)
+                self._networks[name] = Network.load(path, self.runtime, self.threads, self.precision)
             return self._networks[name]
 
     def predictor(self, choice: str) -> Predictor:
@@ -62,10 +64,11 @@ class Models:
             try:
                 choice = best_name()
             except FileNotFoundError as e:
-                raise ModelNotInstalled(f"no installed model has test metrics to pick `best` by; installed: "
+                raise ModelNotInstalled(f"no installed model has validation metrics to pick `best` by; installed: "
                                         f"{', '.join(self.installed()) or 'none'}") from e
-        names = SHIPPED if choice == ENSEMBLE else (choice,)
-        return Predictor([self.network(n) for n in names], choice)
+        if choice == ENSEMBLE:
+            return Predictor([self.network(n) for n in SHIPPED], choice, ensemble_post())
+        return Predictor([self.network(choice)], choice)
 
     def info(self) -> list[ModelInfo]:
         try:
@@ -152,19 +155,24 @@ def segment_volume(models: Models, data: bytes, choice: str, tta: bool, max_voxe
 
 def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: Limits,
                   channels: dict[str, str], output: str) -> StudyResponse | tuple[bytes, str, dict[str, str]]:
-    """A zip of DICOM series or numbered slices, or a NIfTI volume: the JSON answer, or for `output` nifti or
-    dicom-seg the file with its media type and headers."""
+    """A zip of DICOM series or numbered slices, or a NIfTI volume: the JSON answer, or for `output` nifti,
+    dicom-seg or zip (all of them at once) the file with its media type and headers."""
     t0 = time.perf_counter()
     study = study_from_upload(data, channels, limits)
     result = study_results.segment_study(models.predictor(choice), study, tta)
-    if output != "json":
-        body, media_type, ext = ((result.nifti_gz(), "application/gzip", "_mask.nii.gz") if output == "nifti"
-                                 else (result.dicom_seg(), "application/dicom", ".seg.dcm"))
-        return body, media_type, {"X-Model": result.model, "X-Lesion-Count": str(len(result.lesions)),
-                                  "X-Lesion-Voxels": str(result.lesion_voxels),
-                                  "X-Inference-Ms": f"{result.seconds * 1000:.1f}",
-                                  "Content-Disposition": f'attachment; filename="study{ext}"'}
-    return study_response(result, time.perf_counter() - t0)
+    answer = study_response(result, time.perf_counter() - t0)
+    if output == "json":
+        return answer
+    if output == "zip":
+        body, media_type, name = _bundle(result, answer), "application/zip", "study.zip"
+    elif output == "nifti":
+        body, media_type, name = result.nifti_gz(), "application/gzip", "study_mask.nii.gz"
+    else:
+        body, media_type, name = result.dicom_seg(), "application/dicom", "study.seg.dcm"
+    return body, media_type, {"X-Model": result.model, "X-Lesion-Count": str(len(result.lesions)),
+                              "X-Lesion-Voxels": str(result.lesion_voxels),
+                              "X-Inference-Ms": f"{result.seconds * 1000:.1f}",
+                              "Content-Disposition": f'attachment; filename="{name}"'}
 
 
 def study_response(result: study_results.StudyResult, total_s: float) -> StudyResponse:
@@ -176,3 +184,16 @@ def study_response(result: study_results.StudyResult, total_s: float) -> StudyRe
         lesion_voxels=result.lesion_voxels, lesion_volume_mm3=result.lesion_volume_mm3,
         slice_lesion_px=result.slice_lesion_px, warnings=study.warnings, ignored=study.ignored,
         inference_ms=result.seconds * 1000, total_ms=total_s * 1000)
+
+
+def _bundle(result: study_results.StudyResult, answer: StudyResponse) -> bytes:
+    """study.json (the JSON answer), mask.nii.gz, lesions.csv and, for DICOM input, study.seg.dcm: one
+    engine run for a client that wants everything (the page)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("study.json", answer.model_dump_json())
+        bundle.writestr("mask.nii.gz", result.nifti_gz())
+        bundle.writestr("lesions.csv", result.lesions_csv())
+        if result.study.kind == "dicom":
+            bundle.writestr("study.seg.dcm", result.dicom_seg())
+    return out.getvalue()

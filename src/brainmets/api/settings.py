@@ -12,7 +12,8 @@
     BRAINMETS_REQUEST_TIMEOUT_S  longest wait plus run of one slice request before it is answered 503 (60)
     BRAINMETS_VOLUME_TIMEOUT_S   the same for a volume, segmented slice by slice (600)
     BRAINMETS_CORS_ORIGINS       JSON list of browser origins allowed to call the API ([]: none)
-    BRAINMETS_RUNTIME            auto | onnxruntime | torch (auto: ONNX Runtime where exported)
+    BRAINMETS_RUNTIME            auto | openvino | onnxruntime | torch (auto: OpenVINO where exported)
+    BRAINMETS_PRECISION          auto | bf16 | f32: OpenVINO's precision (auto: bf16 where the CPU has it)
     BRAINMETS_PRELOAD            load every installed model at start-up rather than on first use (true)
     BRAINMETS_DICOMWEB_URL       the PACS of /v1/pacs (DICOMweb base URL; unset: no PACS); credentials in
                                  BRAINMETS_DICOMWEB_USER and _PASSWORD, or _TOKEN, read by brainmets.dicomweb
@@ -46,7 +47,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)
     volume_timeout_s: float = Field(600.0, gt=0)
     cors_origins: list[str] = []
-    runtime: Literal["auto", "onnxruntime", "torch"] = "auto"
+    runtime: Literal["auto", "openvino", "onnxruntime", "torch"] = "auto"
+    precision: Literal["auto", "bf16", "f32"] = "auto"
     preload: bool = True
     dicomweb_url: str | None = None
 

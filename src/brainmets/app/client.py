@@ -6,6 +6,9 @@ names the address that was tried; a 4xx/5xx carries the API's own `detail`.
 
 from __future__ import annotations
 
+import io
+import json
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,14 @@ class VolumeResult:
     nifti: bytes  # the mask volume, .nii.gz on the input's grid (same affine)
     lesion_volume_mm3: float
     lesion_voxels: int
+
+
+@dataclass
+class StudyAnswer:
+    answer: dict[str, Any]  # the API's JSON: lesions, channels, series, per-slice areas, warnings, timing
+    nifti: bytes  # the mask, .nii.gz on the input's grid
+    csv: bytes  # the lesion table
+    seg: bytes | None  # the DICOM SEG, for DICOM input
 
 
 class Client:
@@ -74,6 +85,17 @@ class Client:
         headers = response.headers
         return VolumeResult(headers["X-Model"], response.content, float(headers["X-Lesion-Volume-Mm3"]),
                             int(headers["X-Lesion-Voxels"]))
+
+    def segment_study(self, data: bytes, filename: str, model: str = "best", tta: bool = False) -> StudyAnswer:
+        """A whole study (a zip, or a NIfTI volume) in one engine run: every output at once."""
+        response = self._request("POST", "/v1/segment/study", timeout_s=VOLUME_TIMEOUT_S,
+                                 params={"model": model, "tta": str(tta).lower(), "format": "zip"},
+                                 files={"file": (filename, data)})
+        with zipfile.ZipFile(io.BytesIO(response.content)) as bundle:
+            names = set(bundle.namelist())
+            return StudyAnswer(json.loads(bundle.read("study.json")), bundle.read("mask.nii.gz"),
+                               bundle.read("lesions.csv"),
+                               bundle.read("study.seg.dcm") if "study.seg.dcm" in names else None)
 
     def pacs_studies(self) -> dict[str, Any]:
         """{"url": the API's PACS, "studies": [{uid, patient_id, date, description, series, instances,

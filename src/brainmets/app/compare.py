@@ -13,6 +13,7 @@ from brainmets.app.client import ApiError, Client
 from brainmets.report import METRICS
 
 IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+TABLE = re.compile(r"(^\|.*\|[ \t]*(\n|$))+", re.MULTILINE)  # a Markdown table: consecutive |...| lines
 
 
 @st.cache_data(ttl=60, show_spinner=False)
@@ -54,7 +55,8 @@ def show_report(docs: Path) -> None:
         for png in sorted(docs.glob("results-*.png")):
             st.image(str(png), caption=png.stem)
         return
-    text, start = results.read_text(), 0
+    # Its metrics table is the one shown above, with the models' numbers from the API: once is enough.
+    text, start = TABLE.sub("", results.read_text(), count=1), 0
     for match in IMAGE.finditer(text):
         st.markdown(text[start:match.start()])
         figure = docs / match.group(2)

@@ -59,10 +59,7 @@ def render(api: str) -> None:
     if not modes:
         st.warning("The backend serves no model yet: ship one into models/<name>/ (see the README).")
         return
-    choice, tta_col, opacity_col = st.columns([2, 1, 2])
-    mode = choice.selectbox("Model", modes, help="best = the shipped model with the higher test Dice per patient.")
-    tta = tta_col.toggle("Flip TTA", help="Test-time augmentation: average the prediction over flipped copies.")
-    opacity = opacity_col.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05)
+    mode, tta, opacity = controls(modes)
     upload = st.file_uploader(f"MRI slice or volume: {FORMATS}", key="upload")
     if upload is None:
         st.info(f"Upload an MRI slice or volume ({FORMATS}). The reference data's slices are 3-channel "
@@ -86,6 +83,17 @@ def render(api: str) -> None:
                  opacity, stem)
     if volume:
         show_volume(api, data, stem, MODES[mode], tta)
+
+
+def controls(modes: list[str], key: str | None = None) -> tuple[str, bool, float]:
+    """Model, flip TTA and overlay opacity, side by side; `key` tells a second view's widgets apart."""
+    choice, tta_col, opacity_col = st.columns([2, 1, 2])
+    mode = choice.selectbox("Model", modes, help="best = the shipped model with the higher test Dice per patient.",
+                            key=key and f"{key}-model")
+    tta = tta_col.toggle("Flip TTA", help="Test-time augmentation: average the prediction over flipped copies.",
+                         key=key and f"{key}-tta")
+    opacity = opacity_col.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key=key and f"{key}-opacity")
+    return mode, tta, opacity
 
 
 def is_volume(data: bytes) -> bool:

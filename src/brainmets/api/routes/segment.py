@@ -68,17 +68,19 @@ def _channel_query(channel: str) -> object:
 
 
 @router.post("/study", response_model=StudyResponse, summary="Segment a whole study",
-             responses={200: {"content": {"application/gzip": {}, "application/dicom": {}},
+             responses={200: {"content": {"application/gzip": {}, "application/dicom": {}, "application/zip": {}},
                               "description": "JSON; with `format=nifti` the mask as .nii.gz on the input's grid; "
-                                             "with `format=dicom-seg` a DICOM SEG referencing the FLAIR series."},
+                                             "with `format=dicom-seg` a DICOM SEG referencing the FLAIR series; "
+                                             "with `format=zip` study.json, mask.nii.gz, lesions.csv and "
+                                             "study.seg.dcm (DICOM input)."},
                         **ERRORS})
 async def segment_study(
     file: Annotated[UploadFile, File(description="A zip of one study's DICOM files (any folders, any names) or of "
                                                  "one patient's numbered slices (<name>_<n>.tif), or a NIfTI volume.")],
     models: ModelsDep, pool: PoolDep, settings: SettingsDep,
     model: ModelQuery = ModelChoice.best, tta: TtaQuery = False,
-    format: Annotated[StudyFormat, Query(description="`json`, `nifti` (the mask) or `dicom-seg` (DICOM input "
-                                                     "only).")] = StudyFormat.json,
+    format: Annotated[StudyFormat, Query(description="`json`, `nifti` (the mask), `dicom-seg` (DICOM input only) "
+                                                     "or `zip` (all of them and lesions.csv).")] = StudyFormat.json,
     t1_pre: Annotated[str | None, _channel_query("pre-contrast T1")] = None,
     flair: Annotated[str | None, _channel_query("FLAIR")] = None,
     t1_post: Annotated[str | None, _channel_query("post-contrast T1")] = None,
