@@ -4,10 +4,11 @@
     watch            poll for studies without our SEG of the current model version and segment each once
 
 Exactly once, across crashes: our SEG's SeriesInstanceUID and SOPInstanceUID are derived from the study UID
-and the model version, so "is this study done?" is a question to the server (one QIDO query), and a SEG
-stored again after a crash between STOW-RS and the local state write is the same instance, which the server
-keeps once. The local state file (written atomically) only remembers studies that failed, so that a study
-the model cannot read is not fetched again every poll, and a lock on it keeps a second watcher out.
+and the model version, so "is this study done?" is a question to the server (one QIDO query), and nothing
+written locally can disagree with it: a run killed right after its STOW-RS finds the SEG there on restart,
+and a SEG stored twice is the same instance, which the server keeps once. The local state file (written
+atomically) only remembers the studies that failed, so that a study the model cannot read is not fetched
+again every poll; a lock on it keeps a second watcher out.
 """
 
 from __future__ import annotations
@@ -74,10 +75,11 @@ def segment_in_pacs(pacs: Pacs, predictor: Predictor, study_uid: str, version: s
     seconds["fetch"], t0 = time.perf_counter() - t0, time.perf_counter()
     progress("segmenting")
     try:
-        result = segment_study(predictor, study_from_datasets(datasets, name=study_uid), tta)
+        result = segment_study(predictor, study_from_datasets(datasets, name=study_uid), tta=tta)
         seg = dcmread(io.BytesIO(result.dicom_seg()))
     except ValueError as e:  # the study's fault: StudyError, ImageReadError, InputError
         raise UnusableStudy(f"study {study_uid} cannot be segmented: {e}") from None
+    # The study pipeline's SEG has fresh UIDs and a description without the version: ours are derived.
     seg.SeriesInstanceUID, seg.SOPInstanceUID = seg_uids(study_uid, version)
     seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
     seg.SeriesDescription = f"{SEG_DESCRIPTION} {version}"
