@@ -26,7 +26,8 @@ from dicom_studies import mr_study, patient_slices, to_bytes  # noqa: E402
 from orthanc import OrthancServer, missing  # noqa: E402
 
 from brainmets.dicomweb import Pacs  # noqa: E402
-from brainmets.pacs import load_predictor, segment_in_pacs  # noqa: E402
+from brainmets.inference import Predictor  # noqa: E402
+from brainmets.pacs import segment_in_pacs  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
         server = OrthancServer(Path(folder)).start()
         try:
             server.upload([to_bytes(ds) for ds in study.datasets])
-            predictor = load_predictor(args.model)
+            predictor = Predictor.load(args.model)
             print(f"{patient.name}: {args.slices} slices x 3 series of {images[0].shape[1]}x{images[0].shape[0]}, "
                   f"model {predictor.name}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
             totals = []

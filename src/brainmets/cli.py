@@ -397,9 +397,10 @@ def pacs_segment(
 ) -> None:
     """Fetch each study's MR series (WADO-RS), segment them as one study, store the DICOM SEG (STOW-RS)."""
     from brainmets.dicomweb import Pacs
-    from brainmets.pacs import load_predictor, model_version, segment_in_pacs
+    from brainmets.inference import Predictor
+    from brainmets.pacs import model_version, segment_in_pacs
 
-    pacs, predictor = Pacs(url), load_predictor(model)
+    pacs, predictor = Pacs(url), Predictor.load(model)
     version = model_version(predictor)
     for uid in studies:
         with console.status(f"study {uid}") as status:
@@ -419,9 +420,10 @@ def pacs_watch(
     and start again: the server says which studies are done, and a SEG stored twice is kept once."""
     from brainmets.cache import cache_root
     from brainmets.dicomweb import Pacs
-    from brainmets.pacs import load_predictor, model_version, watch
+    from brainmets.inference import Predictor
+    from brainmets.pacs import model_version, watch
 
-    pacs, predictor = Pacs(url), load_predictor(model)
+    pacs, predictor = Pacs(url), Predictor.load(model)
     console.print(f"watching {pacs.url} with {model_version(predictor)}" + ("" if once else f", every {interval:g} s"))
     try:
         summary = watch(pacs, predictor, state or cache_root() / "pacs-watch.json", interval, once,

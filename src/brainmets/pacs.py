@@ -29,14 +29,9 @@ from pydicom.uid import generate_uid
 
 from brainmets.dicomweb import SEG_DESCRIPTION, AccessDenied, Pacs, PacsError, PacsUnreachable, UnusableStudy
 from brainmets.inference import ENSEMBLE, Predictor, file_sha256
-from brainmets.registry import SHIPPED, best_name
+from brainmets.registry import SHIPPED
 from brainmets.study import study_from_datasets
 from brainmets.study_results import StudyResult, segment_study
-
-
-def load_predictor(model: str) -> Predictor:
-    """As `Predictor.load`, with `best` resolved first, so that the SEG and its version name the real model."""
-    return Predictor.load(best_name() if model == "best" else model)
 
 
 def model_version(predictor: Predictor) -> str:
