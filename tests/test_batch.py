@@ -155,27 +155,39 @@ def test_a_data_zip_is_segmented_in_place_one_study_per_patient_without_its_mask
         assert not (out / f"Data/{patient}.seg.dcm").exists()
 
 
-def test_a_folder_of_dicom_series_is_one_study_with_a_seg(tmp_path, pixelwise):
+@pytest.mark.parametrize("layout, name", [("flat", "patient7"), ("series folders", "patient7/DICOM")])
+def test_the_dicom_files_of_a_study_are_one_study_with_a_seg(tmp_path, pixelwise, layout, name):
     from dicom_studies import mr_study, to_files, write_files
 
     study = mr_study([brain(48, seed=s)[0] for s in range(4)])
-    files = to_files(study.datasets).values()  # three series in one folder, as some exports lay them out
-    write_files({f"IM{i:05d}": data for i, data in enumerate(files)}, tmp_path / "in" / "patient7")
+    files = to_files(study.datasets)  # DICOM/S001/IM00000...: one folder per series
+    if layout == "flat":  # three series in one folder, as some exports lay them out
+        files = {f"IM{i:05d}": data for i, data in enumerate(files.values())}
+    write_files(files, tmp_path / "in" / "patient7")
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "in"), "-m", "bright", "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "1 file segmented (4 slices)" in result.output
     (row,) = rows(out)
-    assert (row["file"], row["kind"], row["mask"]) == ("patient7", "study", "patient7_mask.nii.gz")
+    assert (row["file"], row["kind"], row["mask"]) == (name, "study", f"{name}_mask.nii.gz")
     assert float(row["lesion_mm3"]) == pytest.approx(int(row["lesion_px"]) * 5.0 * 0.9375 ** 2, rel=1e-4)
     import highdicom as hd
 
-    seg = hd.seg.segread(out / "patient7.seg.dcm")
+    seg = hd.seg.segread(out / f"{name}.seg.dcm")
     flair = [d.SOPInstanceUID for d in study.series["AX T2 FLAIR"]]
     mask = seg.get_pixels_by_source_instance(flair, segment_numbers=[1])[..., 0] > 0
     np.testing.assert_array_equal(volume_mask(out / row["mask"]).transpose(2, 1, 0) > 0, mask)
     assert int(row["lesion_px"]) == mask.sum() > 0
-    assert (out / "patient7_lesions.csv").read_text().count("\n") == 1 + int(row["lesions"])
+    assert (out / f"{name}_lesions.csv").read_text().count("\n") == 1 + int(row["lesions"])
+
+
+def test_two_studies_in_one_folder_are_told_apart_by_their_uid(tmp_path):
+    from dicom_studies import mr_study, to_files, write_files
+
+    studies = [mr_study([brain(32, seed=s)[0] for s in range(2)], patient_id=p) for p in ("A", "B")]
+    files = {f"IM{i:05d}": data for i, data in enumerate(d for s in studies for d in to_files(s.datasets).values())}
+    jobs, _ = find_jobs([write_files(files, tmp_path / "in")], tmp_path / "out")
+    assert sorted((j.file, len(j.members)) for j in jobs) == sorted((f"in/{s.study_uid}", 6) for s in studies)
 
 
 def test_inputs_that_cannot_be_told_apart_or_overwritten_are_refused(tmp_path):

@@ -138,6 +138,13 @@ def test_a_gap_in_positions_is_a_warning(slices):
     assert "1 gap(s) in slice positions, e.g. 10.00 mm after slice 2 where the spacing is 5.00 mm" in s.warnings[0]
 
 
+def test_a_lone_slice_takes_its_thickness_as_slice_spacing(slices):
+    (ds,) = _series(slices[:1])
+    assert study_from_datasets([ds]).spacing == (5.0, 0.9375, 0.9375)
+    del ds.SpacingBetweenSlices, ds.SliceThickness
+    assert study_from_datasets([ds]).spacing is None
+
+
 def test_too_many_slices_or_voxels_are_refused(slices):
     with pytest.raises(StudyTooLarge, match="has 6 slices; the limit is 5 per series"):
         study_from_datasets(_series(slices), limits=Limits(max_slices=5))
@@ -179,6 +186,20 @@ def test_a_zip_of_nothing_usable_says_what_was_passed_over():
         study_from_files([("sr.dcm", to_bytes(sr))])
 
 
+@pytest.mark.parametrize("tag, value, why", [
+    ("Columns", 0, "unreadable image header (no rows or columns)"), ("Rows", None, "unreadable image header"),
+    ("NumberOfFrames", 4, "multi-frame image"), ("SamplesPerPixel", 3, "colour image"),
+])
+def test_instances_that_are_no_grayscale_slice_are_passed_over_and_listed(slices, tag, value, why):
+    good, bad = _series(slices[:2])
+    if value is None:
+        delattr(bad, tag)
+    else:
+        setattr(bad, tag, value)
+    s = study_from_datasets([good, bad])
+    assert len(s.slices) == 1 and len(s.ignored) == 1 and s.ignored[0].startswith(f"{bad.SOPInstanceUID}: {why}")
+
+
 def test_a_patient_folder_of_numbered_slices_is_one_study(tmp_path):
     write_dataset(tmp_path, patients=1, slices=12, size=32)
     folder = next((tmp_path / "Data").iterdir())
@@ -216,3 +237,26 @@ def test_the_datasets_of_a_pacs_are_read_as_they_come(study):
     """dicomweb-client returns datasets already parsed: no bytes, no file names."""
     s = study_from_datasets([pydicom.dcmread(io.BytesIO(to_bytes(d))) for d in study.datasets], name="pacs")
     assert s.name == "pacs" and len(s.reference) == 6
+
+
+def test_mangled_dicom_files_give_a_study_or_a_clear_error(study):
+    """Bytes overwritten or cut anywhere in a few files of a study: pydicom parses lazily, so a broken value
+    must be caught where the study is read, not surface later as a 500."""
+    from brainmets.readers import ImageReadError
+
+    rng = np.random.default_rng(0)
+    files = to_files(study.datasets)
+    names = list(files)
+    for _ in range(80):
+        mangled = dict(files)
+        for name in rng.choice(names, rng.integers(1, 4)):
+            data = bytearray(mangled[name])
+            if rng.random() < 0.3:
+                data = data[:rng.integers(1, len(data))]
+            for _ in range(rng.integers(1, 9)):
+                data[rng.integers(len(data))] = rng.integers(256)
+            mangled[name] = bytes(data)
+        try:
+            study_from_files(mangled.items())
+        except (StudyError, ImageReadError):
+            pass

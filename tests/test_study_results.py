@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import api_client, synthetic_slice
 from dicom_studies import SEQUENCES, mr_slice, mr_study, patient_slices, to_bytes, to_files, zip_bytes
-from samples import encode, nifti
+from samples import brain, encode, nifti
 
 from brainmets.inference import Predictor
 from brainmets.study import study_from_datasets, study_from_upload
@@ -184,6 +184,17 @@ def test_a_nifti_study_and_a_zip_of_numbered_slices(client):
     assert r.json()["ignored"] == ["P/P_1_mask.png: a ground-truth mask"] and "gap" in r.json()["warnings"][0]
     r = post_study(client, zip_bytes(files), format="dicom-seg")
     assert r.status_code == 422 and "a DICOM SEG needs DICOM input" in r.json()["detail"]
+
+
+def test_the_volume_route_and_the_study_route_give_one_mask(client):
+    data = np.stack([brain(48, seed=s)[0][..., 1] for s in range(4)], axis=2).astype(np.int16)
+    file = nifti(data, np.diag([0.9, 0.9, 3.0, 1.0]))
+    volume = client.post("/v1/segment/volume", files={"file": ("v.nii.gz", file)})
+    study = post_study(client, file, "v.nii.gz", format="nifti")
+    assert volume.status_code == study.status_code == 200
+    masks = [np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj) for r in (volume, study)]
+    np.testing.assert_array_equal(*masks)
+    assert masks[0].shape == (48, 48, 4) and int(volume.headers["x-lesion-voxels"]) == masks[0].sum() > 0
 
 
 def _over_limit_study() -> bytes:

@@ -2,7 +2,8 @@
 
     find_jobs  inputs -> one Job per file, its format sniffed from its first bytes and its mask's path
                mirroring the inputs' tree: <name>.png per slice, <name>_mask.nii.gz per volume; and one
-               Job per study: a folder of DICOM files, or of one patient's numbered slices (<patient>_<n>.tif),
+               Job per study: the DICOM files of one study (one folder, or its series' folders), or one
+               patient's numbered slices in a folder (<patient>_<n>.tif),
                segmented as one stack into <folder>_mask.nii.gz, <folder>_lesions.csv (3-D lesions),
                <folder>.seg.dcm (DICOM input) and, for numbered slices, the <name>.png of each slice
     run_batch  the jobs through the inference engine, in this process (1 worker) or in N worker
@@ -22,6 +23,7 @@ volume or study), slices, lesions (8-connected in a slice, 26-connected in a vol
 from __future__ import annotations
 
 import csv
+import io
 import functools
 import multiprocessing
 import os
@@ -35,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import pydicom
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -137,7 +140,9 @@ def find_jobs(inputs: Iterable[Path], out: Path) -> tuple[list[Job], Counter]:
                 passed["ground-truth masks (*_mask)"] += 1
                 continue
             try:
-                formats[file] = sniff(_head(source, key))
+                head = _head(source, key)
+                formats[file] = sniff(head)  # 'dicom:<StudyInstanceUID>' for DICOM, to group studies
+                formats[file] += f":{_study_uid(head)}" if formats[file] == "dicom" else ""
                 kind = "volume" if formats[file].startswith("nifti") else "slice"
             except UnsupportedFormat as e:
                 if not named:
@@ -156,24 +161,44 @@ def find_jobs(inputs: Iterable[Path], out: Path) -> tuple[list[Job], Counter]:
 
 
 def _studies(jobs: list[Job], formats: dict[str, str], root_name: str) -> list[Job]:
-    """The slices of a folder holding 2 or more DICOM files, or 2 or more numbered slices of one patient
-    (`<patient>_<n>.<ext>`), become one study job, in the place of its first file."""
-    folders: dict[tuple[Path, str], list[Job]] = {}
+    """One study job, in the place of its first file, for: the DICOM files of one study (2 or more, one
+    StudyInstanceUID, in one folder or in its series' sibling folders), or 2 or more numbered slices of one
+    patient in one folder (`<patient>_<n>.<ext>`)."""
+    groups: dict[tuple, list[Job]] = {}  # (source, study UID or patient, patient's folder) -> its files
     for job in jobs:
-        if job.kind == "slice" and not job.error:
-            folders.setdefault((job.source, str(PurePosixPath(job.file).parent)), []).append(job)
+        if job.kind != "slice" or job.error:
+            continue
+        folder = str(PurePosixPath(job.file).parent)
+        if formats[job.file].startswith("dicom"):
+            uid = formats[job.file].partition(":")[2]
+            groups.setdefault((job.source, uid or folder, ""), []).append(job)
+        elif SLICE_NUMBER.search(_stem(job.file)):
+            patient = SLICE_NUMBER.sub("", _stem(PurePosixPath(job.file).name))
+            groups.setdefault((job.source, patient, folder), []).append(job)
+    named = {}
+    for (_, who, _), group in groups.items():
+        if len(group) > 1:
+            folder = os.path.commonpath([str(PurePosixPath(j.file).parent) for j in group])
+            named[who, group[0].file] = root_name if folder in ("", ".") else folder
+    clashes = Counter(named.values())
     studies: dict[str, Job] = {}  # first member's file -> the study
-    for (source, folder), members in folders.items():
-        dicom = [j for j in members if formats[j.file] == "dicom"]
-        numbered = [j for j in members if formats[j.file] != "dicom" and SLICE_NUMBER.search(_stem(j.file))]
-        patients = {SLICE_NUMBER.sub("", _stem(PurePosixPath(j.file).name)) for j in numbered}
-        group = dicom if len(dicom) > 1 else numbered if len(numbered) > 1 and len(patients) == 1 else []
-        if group:
-            name = root_name if folder == "." else folder
+    for (source, who, _), group in groups.items():
+        if len(group) > 1:
+            name = named[who, group[0].file]
+            name = f"{name}/{who}" if clashes[name] > 1 else name  # several studies or patients in one folder
             studies[group[0].file] = Job(source, "", name, "study", f"{name}_mask.nii.gz",
                                          members=tuple((j.key, j.file) for j in group))
     grouped = {file for study in studies.values() for _, file in study.members}
     return [studies.get(job.file, job) for job in jobs if job.file in studies or job.file not in grouped]
+
+
+def _study_uid(head: bytes) -> str:
+    """A DICOM file's StudyInstanceUID from its first bytes; '' where they do not hold it."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        return str(ds.get("StudyInstanceUID", ""))
+    except Exception:  # a header past the bytes read, or broken: the file's folder stands for its study
+        return ""
 
 
 def _head(source: Source, key: str) -> bytes:
@@ -396,7 +421,7 @@ def report(summary: Summary, passed: Counter, out: Path) -> list[str]:
         lines.append(f"passed over: {_counts(passed)}")
     ok = [r for r in summary.rows if r.get("status") == "ok"]
     with_lesions = [r for r in ok if int(r.get("lesions") or 0) > 0]
-    stacks = [r for r in ok if r.get("kind") in ("volume", "study")]
+    stacks = [r for r in ok if r.get("kind") in ("volume", "study") and r.get("lesion_mm3") not in ("", None)]
     mm3 = sum(float(r.get("lesion_mm3") or 0) for r in stacks)
     lines.append(f"lesions found in {len(with_lesions)} of {_n(len(ok), 'file')}"
                  + (f"; {mm3:.1f} mm³ of lesion in {_n(len(stacks), 'volume')} or stud{'y' if len(stacks) == 1 else 'ies'}"

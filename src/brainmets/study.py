@@ -115,6 +115,9 @@ class _Series:
     normal: np.ndarray
     guess: str | None
     guessed_by: str
+    # ImageOrientationPatient, and the ImagePositionPatient of the first slice; axial at 0 where unknown
+    orientation: np.ndarray = field(default_factory=lambda: np.array([1.0, 0, 0, 0, 1, 0]))
+    origin: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
     @property
     def first(self) -> Dataset:
@@ -122,8 +125,10 @@ class _Series:
 
     @property
     def number(self) -> int | None:
-        number = self.first.get("SeriesNumber")
-        return int(number) if number not in (None, "") else None
+        try:
+            return int(self.first.get("SeriesNumber"))
+        except (TypeError, ValueError):  # absent, or not a number
+            return None
 
     @property
     def description(self) -> str:
@@ -136,7 +141,14 @@ class _Series:
 
     @property
     def step(self) -> float | None:
-        return float(np.median(np.diff(self.positions))) if len(self.positions) > 1 else None
+        """mm between slices: from the positions, or for a lone slice its thickness (None if unknown)."""
+        if len(self.positions) > 1:
+            return float(np.median(np.diff(self.positions)))
+        try:
+            thickness = float(self.first.get("SpacingBetweenSlices") or self.first.get("SliceThickness") or 0)
+        except (TypeError, ValueError):
+            return None
+        return thickness if 0 < thickness < 1000 else None
 
 
 def study_from_datasets(datasets: Sequence[Dataset], channels: Mapping[str, str] | None = None,
@@ -177,11 +189,23 @@ def study_from_datasets(datasets: Sequence[Dataset], channels: Mapping[str, str]
 
 
 def _not_an_image(ds: Dataset) -> str:
+    """Why an instance is no slice of a grayscale series, or ''."""
+    try:
+        for _ in ds:  # pydicom converts an element on first access: a broken one fails here, not mid-study
+            pass
+    except Exception as e:  # any failure of pydicom on these values: an unknown VR, a DS that is no number
+        return f"unreadable DICOM header ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     if "PixelData" not in ds:
         return f"no pixel data ({ds.get('Modality', 'unknown modality')} object, not an image)"
-    if int(ds.get("NumberOfFrames") or 1) > 1:
+    try:
+        frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
+        if int(ds.Rows) < 1 or int(ds.Columns) < 1:
+            raise ValueError("no rows or columns")
+    except (AttributeError, TypeError, ValueError) as e:  # a tag missing or not a number
+        return f"unreadable image header ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if frames > 1:
         return "multi-frame image: send the series as single-frame instances"
-    if int(ds.get("SamplesPerPixel") or 1) != 1:
+    if samples != 1:
         return "colour image: expected a grayscale MR series"
     return ""
 
@@ -220,6 +244,7 @@ def _order(uid: str, datasets: list[Dataset], limits: Limits, warnings: list[str
     positions = origins @ normal
     order = np.argsort(positions, kind="stable")
     series.datasets, series.positions, series.normal = [datasets[i] for i in order], positions[order], normal
+    series.orientation, series.origin = orientations[0], origins[order[0]]
     steps = np.diff(series.positions)
     for i in np.flatnonzero(steps < POSITION_TOLERANCE_MM):
         raise StudyError(f"{series.label}: two slices at position {series.positions[i]:.2f} mm "
@@ -322,11 +347,10 @@ def _affine(series: _Series, pixel_spacing: tuple[float, float] | None) -> np.nd
     """Voxel (column, row, slice) -> RAS mm of the series: DICOM's patient axes are LPS."""
     rows_mm, columns_mm = pixel_spacing or (1.0, 1.0)
     lps = np.eye(4)
-    iop = [float(v) for v in series.first.get("ImageOrientationPatient") or (1, 0, 0, 0, 1, 0)]
-    lps[:3, 0] = np.array(iop[:3]) * columns_mm
-    lps[:3, 1] = np.array(iop[3:]) * rows_mm
+    lps[:3, 0] = series.orientation[:3] * columns_mm
+    lps[:3, 1] = series.orientation[3:] * rows_mm
     lps[:3, 2] = series.normal * (series.step or 1.0)
-    lps[:3, 3] = [float(v) for v in series.first.get("ImagePositionPatient") or (0, 0, 0)]
+    lps[:3, 3] = series.origin
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
