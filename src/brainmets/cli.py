@@ -1,4 +1,4 @@
-"""`brainmets split | train | evaluate | predict | export | compare | serve | app | run` — the command line."""
+"""`brainmets split | train | evaluate | predict | export | compare | serve | app | run | pacs` — the command line."""
 
 from __future__ import annotations
 
@@ -344,6 +344,98 @@ def run(
     from brainmets.app.launch import run_both
 
     raise typer.Exit(run_both(host, api_port, port, say=console.print))
+
+
+pacs_app = typer.Typer(help="Segment the studies of a PACS over DICOMweb and store a DICOM SEG beside each. Credentials "
+                       "come from $BRAINMETS_DICOMWEB_USER and _PASSWORD, or $BRAINMETS_DICOMWEB_TOKEN.",
+                       no_args_is_help=True)
+app.add_typer(pacs_app, name="pacs")
+UrlOpt = Annotated[Optional[str], typer.Option("--url", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web (Orthanc). Default: $BRAINMETS_DICOMWEB_URL.")]
+PacsModelOpt = Annotated[str, typer.Option("--model", "-m", help="unetpp, attention-unet, best, ensemble, a .pt checkpoint or a run folder.")]
+
+
+def _lesion_table(done) -> None:
+    from rich.table import Table
+
+    result = done.result
+    console.print(f"study {done.study_uid}: {len(result.lesions)} lesion(s) found by {done.version}; SEG stored as "
+                  f"series {done.seg_series_uid} (" + ", ".join(f"{k} {v:.1f} s" for k, v in done.seconds.items()) + ")",
+                  soft_wrap=True)
+    if not result.lesions:
+        return
+    table = Table()
+    for column in ("lesion", "voxels", "volume mm³", "slices", "diameter mm", "mean p"):
+        table.add_column(column, justify="right")
+    for les in result.lesions:
+        table.add_row(str(les.id), str(les.voxels), f"{les.volume_mm3:.1f}" if les.volume_mm3 is not None else "-",
+                      f"{les.first_slice}-{les.last_slice}", f"{les.diameter_mm:.1f}" if les.diameter_mm is not None else "-",
+                      f"{les.mean_probability:.2f}")
+    Console().print(table)
+
+
+@pacs_app.command("list")
+@friendly_errors
+def pacs_list(url: UrlOpt = None) -> None:
+    """The server's studies: patient, date, description, image series, and the model versions with a SEG there."""
+    from rich.table import Table
+
+    from brainmets.dicomweb import Pacs
+
+    pacs = Pacs(url)
+    studies = pacs.studies()
+    table = Table(title=f"{len(studies)} studies at {pacs.url}")
+    table.add_column("study UID", no_wrap=True, min_width=max((len(r.uid) for r in studies), default=9))  # copyable
+    for column in ("patient", "date", "description", "series", "brainmets SEG"):
+        table.add_column(column, overflow="fold")
+    for r in studies:
+        table.add_row(r.uid, r.patient_id, r.date, r.description, str(r.series), ", ".join(r.brainmets_segs) or "-")
+    Console().print(table)
+
+
+@pacs_app.command("segment")
+@friendly_errors
+def pacs_segment(
+    studies: Annotated[list[str], typer.Argument(help="StudyInstanceUIDs, as `brainmets pacs list` shows them.")],
+    url: UrlOpt = None, model: PacsModelOpt = "best",
+) -> None:
+    """Fetch each study's MR series (WADO-RS), segment them as one study, store the DICOM SEG (STOW-RS)."""
+    from brainmets.dicomweb import Pacs
+    from brainmets.inference import Predictor
+    from brainmets.pacs import model_version, segment_in_pacs
+
+    pacs, predictor = Pacs(url), Predictor.load(model)
+    version = model_version(predictor)
+    for uid in studies:
+        with console.status(f"study {uid}") as status:
+            done = segment_in_pacs(pacs, predictor, uid, version, progress=lambda step: status.update(f"study {uid}: {step}"))
+        _lesion_table(done)
+
+
+@pacs_app.command("watch")
+@friendly_errors
+def pacs_watch(
+    url: UrlOpt = None, model: PacsModelOpt = "best",
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between polls of the server.")] = 10.0,
+    once: Annotated[bool, typer.Option(help="Segment what is there now, then stop (e.g. from cron).")] = False,
+    state: Annotated[Optional[Path], typer.Option(help="State file (the studies that failed); default: ~/.cache/brainmets/pacs-watch.json.")] = None,
+) -> None:
+    """Segment every study without a SEG of this model version, each once; Ctrl-C stops. Safe to stop or kill
+    and start again: the server says which studies are done, and a SEG stored twice is kept once."""
+    from brainmets.cache import cache_root
+    from brainmets.dicomweb import Pacs
+    from brainmets.inference import Predictor
+    from brainmets.pacs import model_version, watch
+
+    pacs, predictor = Pacs(url), Predictor.load(model)
+    console.print(f"watching {pacs.url} with {model_version(predictor)}" + ("" if once else f", every {interval:g} s"))
+    try:
+        summary = watch(pacs, predictor, state or cache_root() / "pacs-watch.json", interval, once,
+                        say=lambda line: console.print(escape(line), soft_wrap=True), on_segmented=_lesion_table)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+    console.print(f"{len(summary.segmented)} studies segmented, {len(summary.failed)} failed")
+    if summary.failed:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

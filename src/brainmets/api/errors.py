@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from brainmets.api.service import ModelNotInstalled, Overloaded
+from brainmets.dicomweb import NotConfigured, PacsError, StudyNotFound, UnusableStudy
 from brainmets.inference import InputError
 from brainmets.readers import ImageReadError, ImageTooLarge, UnsupportedFormat
 from brainmets.study import StudyError, StudyTooLarge
@@ -21,6 +22,10 @@ STATUS = {  # most specific first: a handler is looked up along the exception's 
     InputError: 422,
     ModelNotInstalled: 404,
     Overloaded: 503,
+    NotConfigured: 404,
+    StudyNotFound: 404,
+    UnusableStudy: 422,
+    PacsError: 502,  # the PACS is unreachable, refuses our credentials or our SEG: a bad gateway
 }
 RETRY_AFTER_S = 1  # one inference takes tens of ms; a second clears a full queue on 2 cores
 

@@ -6,6 +6,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from brainmets.dicomweb import StudyRow
 from brainmets.registry import CHOICES, SHIPPED
 from brainmets.study import ChannelSource, SeriesInfo
 from brainmets.study_results import Lesion3D
@@ -113,6 +114,21 @@ class StudyResponse(BaseModel):
                                examples=[["notes.txt: neither DICOM nor an image"]])
     inference_ms: float = Field(description="The engine: preprocessing, network, post-processing, lesions.")
     total_ms: float = Field(description="Reading the study, the engine and the answer.")
+
+
+class PacsStudies(BaseModel):
+    url: str = Field(description="The PACS's DICOMweb base URL.", examples=["http://localhost:8042/dicom-web"])
+    studies: list[StudyRow] = Field(description="Oldest first; `brainmets_segs` lists the model versions that "
+                                                "stored a SEG in the study.")
+
+
+class PacsSegmentResponse(StudyResponse):
+    study_uid: str
+    seg_series_uid: str = Field(description="Derived from the study and the model version: the same on every run.")
+    stored_at: str = Field(description="The SEG series' WADO-RS address.")
+    model_version: str = Field(description="The model and a digest of its weights.", examples=["unetpp-3f2a9c01b7d4"])
+    fetch_ms: float = Field(description="Retrieving the study's MR series (WADO-RS).")
+    store_ms: float = Field(description="Storing the SEG (STOW-RS).")
 
 
 class ErrorResponse(BaseModel):

@@ -173,13 +173,7 @@ def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: L
     t0 = time.perf_counter()
     study = study_from_upload(data, channels, limits)
     result = study_results.segment_study(models.predictor(choice), study, tta)
-    rows, columns = result.mask.shape[1:]
-    answer = StudyResponse(
-        model=result.model, kind=study.kind, slices=len(study.slices), rows=rows, columns=columns,
-        spacing_mm=study.spacing, channels=study.channels, series=study.series, lesions=result.lesions,
-        lesion_voxels=result.lesion_voxels, lesion_volume_mm3=result.lesion_volume_mm3,
-        slice_lesion_px=result.slice_lesion_px, warnings=study.warnings, ignored=study.ignored,
-        inference_ms=result.seconds * 1000, total_ms=(time.perf_counter() - t0) * 1000)
+    answer = study_response(result, time.perf_counter() - t0)
     if output == "json":
         return answer
     if output == "zip":
@@ -192,6 +186,17 @@ def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: L
                               "X-Lesion-Voxels": str(result.lesion_voxels),
                               "X-Inference-Ms": f"{result.seconds * 1000:.1f}",
                               "Content-Disposition": f'attachment; filename="{name}"'}
+
+
+def study_response(result: study_results.StudyResult, total_s: float) -> StudyResponse:
+    study = result.study
+    rows, columns = result.mask.shape[1:]
+    return StudyResponse(
+        model=result.model, kind=study.kind, slices=len(study.slices), rows=rows, columns=columns,
+        spacing_mm=study.spacing, channels=study.channels, series=study.series, lesions=result.lesions,
+        lesion_voxels=result.lesion_voxels, lesion_volume_mm3=result.lesion_volume_mm3,
+        slice_lesion_px=result.slice_lesion_px, warnings=study.warnings, ignored=study.ignored,
+        inference_ms=result.seconds * 1000, total_ms=total_s * 1000)
 
 
 def _bundle(result: study_results.StudyResult, answer: StudyResponse) -> bytes:

@@ -15,6 +15,8 @@
     BRAINMETS_RUNTIME            auto | openvino | onnxruntime | torch (auto: OpenVINO where exported)
     BRAINMETS_PRECISION          auto | bf16 | f32: OpenVINO's precision (auto: bf16 where the CPU has it)
     BRAINMETS_PRELOAD            load every installed model at start-up rather than on first use (true)
+    BRAINMETS_DICOMWEB_URL       the PACS of /v1/pacs (DICOMweb base URL; unset: no PACS); credentials in
+                                 BRAINMETS_DICOMWEB_USER and _PASSWORD, or _TOKEN, read by brainmets.dicomweb
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Settings(BaseSettings):
     runtime: Literal["auto", "openvino", "onnxruntime", "torch"] = "auto"
     precision: Literal["auto", "bf16", "f32"] = "auto"
     preload: bool = True
+    dicomweb_url: str | None = None
 
     @property
     def models(self) -> Path:

@@ -97,6 +97,16 @@ class Client:
                                bundle.read("lesions.csv"),
                                bundle.read("study.seg.dcm") if "study.seg.dcm" in names else None)
 
+    def pacs_studies(self) -> dict[str, Any]:
+        """{"url": the API's PACS, "studies": [{uid, patient_id, date, description, series, instances,
+        brainmets_segs}]}"""
+        return self._request("GET", "/v1/pacs/studies").json()
+
+    def pacs_segment(self, study_uid: str, model: str = "best", tta: bool = False) -> dict[str, Any]:
+        """The study route's JSON answer for a PACS study, plus seg_series_uid, stored_at and timings."""
+        return self._request("POST", f"/v1/pacs/studies/{study_uid}/segment", timeout_s=VOLUME_TIMEOUT_S,
+                             params={"model": model, "tta": str(tta).lower()}).json()
+
 
 def _error_message(response: requests.Response) -> str:
     """The API's `detail` (a sentence saying what is wrong and what is accepted), else the body or reason."""

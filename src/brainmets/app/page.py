@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from brainmets.app import about, compare, segment, study_view
+from brainmets.app import about, compare, pacs, segment, study_view
 from brainmets.app.client import DEFAULT_API, ApiError, Client
 
 API = os.environ.get("BRAINMETS_API", DEFAULT_API).rstrip("/")
@@ -29,12 +29,14 @@ with st.sidebar:
     except ApiError as e:
         st.error(str(e))
 
-segment_tab, study_tab, compare_tab, about_tab = st.tabs(["Segment", "Study", "Compare", "About"])
+segment_tab, study_tab, compare_tab, pacs_tab, about_tab = st.tabs(["Segment", "Study", "Compare", "PACS", "About"])
 with segment_tab:
     segment.render(API)
 with study_tab:
     study_view.render(API)
 with compare_tab:
     compare.render(API, DOCS)
+with pacs_tab:
+    pacs.render(API)
 with about_tab:
     about.render(API)

@@ -2,8 +2,9 @@
 
 from fastapi import APIRouter
 
-from brainmets.api.routes import models, segment
+from brainmets.api.routes import models, pacs, segment
 
 api_router = APIRouter()
 api_router.include_router(models.router)
 api_router.include_router(segment.router)
+api_router.include_router(pacs.router)
