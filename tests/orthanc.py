@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from brainmets.app.launch import stop, wait_until_up
-from conftest import free_port
+from brainmets.app.launch import free_port
 
 ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")

@@ -118,6 +118,26 @@ def test_volume_in_nifti_out(client):
     assert r.headers["x-model"] == "attention-unet"
 
 
+def test_lesion_mode_of_a_volume_can_be_chosen(client):
+    """`single` keeps one 3-D lesion of the volume, never more voxels than `multiple`; anything else is a 422."""
+    volume = np.stack([GRAY16.T] * 3 + [np.zeros_like(GRAY16)], axis=2).astype(np.int16)
+    voxels = {}
+    for mode in ("single", "multiple"):
+        r = post(client, nifti(volume, AFFINE), "brain.nii.gz", url="/v1/segment/volume", lesion_mode=mode)
+        assert r.status_code == 200, r.text
+        voxels[mode] = int(r.headers["x-lesion-voxels"])
+    assert voxels["single"] <= voxels["multiple"]
+    r = post(client, nifti(volume, AFFINE), "brain.nii.gz", url="/v1/segment/volume", lesion_mode="some")
+    assert r.status_code == 422 and "lesion_mode" in r.text
+
+
+def test_models_keep_the_lesion_mode_override_per_request(models_root, monkeypatch):
+    monkeypatch.setenv("BRAINMETS_MODELS", str(models_root))
+    models = service.Models()
+    assert models.predictor("attention-unet", "single").post.mode == "single"
+    assert models.predictor("attention-unet").post.mode == "multiple"  # the shared network is untouched
+
+
 @pytest.mark.parametrize("data, status, message", [
     (b"", 422, "empty file"),
     (b"just some text\n", 415, "unsupported file type: expected PNG, JPEG, TIFF"),

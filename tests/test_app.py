@@ -257,7 +257,7 @@ def test_compare_shows_the_models_metrics_the_seed_row_and_the_report(api_server
     assert not at.exception
     table = at.dataframe[0].value
     assert table["model"].tolist() == ["unetpp", "attention-unet", "seed recipe"]
-    assert table["Dice / patient (mean)"].tolist() == [0.1, 0.6, 0.42]
+    assert table["Dice / patient (mean)"].tolist() == [0.7, 0.1, 0.42]
     assert [c for im in at.tabs[2].image for c in im.captions] == ["training curves"]
     assert not any("| model |" in m.value for m in at.markdown)  # the report's table: the one above already
     assert any("results-overlays.png, which is missing" in w.value for w in at.warning)
@@ -271,14 +271,16 @@ def test_compare_says_when_there_is_no_report_yet(page):
 def test_about_states_the_data_the_metrics_and_the_limits(page):
     text = " ".join(m.value for m in page.markdown)
     for words in ("Buda et al.", "FLAIR abnormality", "Dice per patient (3-D)", "not a medical device",
-                  "configuration: U-Net++ threshold 0.5; Attention U-Net threshold 0.5."):  # the served configs
+                  "configuration: U-Net++ threshold 0.5, a volume or study keeps every 3-D lesion; Attention U-Net "
+                  "threshold 0.5, a volume or study keeps every 3-D lesion; Ensemble"):  # the served configs
         assert words in text
 
 
 def test_about_reads_each_model_s_post_processing():
-    models = [{"name": "unetpp", "threshold": 0.6, "min_lesion_px": 100, "image_size": 256},
+    models = [{"name": "unetpp", "threshold": 0.6, "min_lesion_px": 100, "image_size": 256, "lesion_mode": "single"},
               {"name": "attention-unet", "threshold": 0.8, "min_lesion_px": 0, "image_size": 256}]
-    assert about.postprocessing(models) == ("U-Net++ threshold 0.6, lesions under 100 px of a 256² slice dropped; "
+    assert about.postprocessing(models) == ("U-Net++ threshold 0.6, a lone slice's lesions under 100 px of a 256² "
+                                            "slice dropped, a volume or study keeps its one strongest 3-D lesion; "
                                             "Attention U-Net threshold 0.8")
     assert about.postprocessing(None) == about.postprocessing([]) == "shown here when the API answers"
 

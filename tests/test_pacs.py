@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from brainmets.app.launch import free_port
 from brainmets.dicomweb import AccessDenied, Pacs, PacsError, PacsUnreachable
-from conftest import free_port, synthetic_slice
+from conftest import synthetic_slice
 from dicom_studies import MRStudy, mr_study, to_bytes
 from orthanc import orthanc, orthanc_with_auth, start_orthanc  # noqa: F401  (fixtures)
 

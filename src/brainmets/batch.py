@@ -221,9 +221,10 @@ def _refuse_clashes(jobs: list[Job]) -> list[Job]:
 
 
 def run_batch(jobs: list[Job], out: Path, model: str, workers: int = 1, tta: bool = False, runtime: str = "auto",
-              progress: bool = True, console: Console | None = None) -> Summary:
+              progress: bool = True, console: Console | None = None, lesion_mode: str | None = None) -> Summary:
     """Segment the jobs not done yet into `out`; write `out/summary.csv`. `workers` 1 runs in this process
-    with the runtime's default threads; N > 1 starts N processes with cores/N threads each."""
+    with the runtime's default threads; N > 1 starts N processes with cores/N threads each. `lesion_mode`
+    overrides the model's for studies and volumes."""
     console = console or Console(stderr=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +242,7 @@ def run_batch(jobs: list[Job], out: Path, model: str, workers: int = 1, tta: boo
             todo.append(i)
     skipped = sum(1 for r in rows if r is not None and not r.get("error"))
     # Loaded here even for N workers: a wrong name or a broken checkpoint fails now, in one clear line.
-    predictor = Predictor.load(model, runtime)
+    predictor = Predictor.load(model, runtime, lesion_mode=lesion_mode)
     runtimes = ", ".join(n.runtime for n in predictor.networks)
     workers = max(1, min(workers, len(todo)))
     threads = max(1, _cores() // workers) if workers > 1 else 0
@@ -262,7 +263,7 @@ def run_batch(jobs: list[Job], out: Path, model: str, workers: int = 1, tta: boo
             log.writeheader()
         task = bar.add_task("", total=len(todo), info="")
         for i, row in _segment_all([(i, jobs[i]) for i in todo], out, model, predictor, workers, threads,
-                                   runtime, tta):
+                                   runtime, tta, lesion_mode):
             rows[i] = row
             log.writerow(row)
             f.flush()
@@ -280,7 +281,7 @@ def run_batch(jobs: list[Job], out: Path, model: str, workers: int = 1, tta: boo
 
 
 def _segment_all(jobs: list[tuple[int, Job]], out: Path, model: str, predictor: Predictor | None, workers: int,
-                 threads: int, runtime: str, tta: bool) -> Iterator[tuple[int, dict]]:
+                 threads: int, runtime: str, tta: bool, lesion_mode: str | None = None) -> Iterator[tuple[int, dict]]:
     """(index, row) pairs as the files finish: in this process with `predictor`, or in `workers` processes."""
     if workers == 1:
         for i, job in jobs:
@@ -288,7 +289,8 @@ def _segment_all(jobs: list[tuple[int, Job]], out: Path, model: str, predictor: 
         return
     # spawn, not fork: a forked copy of a process that has run OpenMP threads can deadlock in them.
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(model, runtime, threads))
+    pool = ProcessPoolExecutor(workers, context, initializer=_start_worker,
+                               initargs=(model, runtime, threads, lesion_mode))
     try:
         futures = {pool.submit(_segment_in_worker, job, out, tta): i for i, job in jobs}
         for future in as_completed(futures):
@@ -303,9 +305,9 @@ def _segment_all(jobs: list[tuple[int, Job]], out: Path, model: str, predictor: 
 _worker_predictor: Predictor | None = None  # the Predictor of this worker process
 
 
-def _start_worker(model: str, runtime: str, threads: int) -> None:
+def _start_worker(model: str, runtime: str, threads: int, lesion_mode: str | None) -> None:
     global _worker_predictor
-    _worker_predictor = Predictor.load(model, runtime, threads)
+    _worker_predictor = Predictor.load(model, runtime, threads, lesion_mode=lesion_mode)
 
 
 def _segment_in_worker(job: Job, out: Path, tta: bool) -> dict:

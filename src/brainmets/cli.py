@@ -192,6 +192,7 @@ def predict(
     out: Annotated[Path, typer.Option(help="Folder for the masks, mirroring the inputs' tree: <name>.png (0/255, the input's size) per slice, <name>_mask.nii.gz (the input's grid) per volume; per study (the DICOM files of one study, in one folder or one per series; one patient's numbered slices <patient>_<n>.tif in a folder) <folder>_mask.nii.gz, <folder>_lesions.csv (3-D lesions) and <folder>.seg.dcm (DICOM input); and summary.csv.")] = Path("predictions"),
     workers: Annotated[int, typer.Option(min=1, help="Processes, each with its own model and cores/N threads; 1 runs in this process with every core.")] = 1,
     tta: Annotated[bool, typer.Option(help="Average over horizontal and vertical flips (3x the time).")] = False,
+    lesion_mode: Annotated[Optional[LesionMode], typer.Option(help="Studies and volumes: single keeps the strongest 3-D lesion, multiple every one (default: the model's, chosen on validation).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Segment slices, volumes and studies with the inference engine of the API: one mask per input, a CSV
@@ -199,7 +200,8 @@ def predict(
     from brainmets.batch import SUMMARY, find_jobs, report, run_batch
 
     jobs, passed = find_jobs(inputs, out)
-    summary = run_batch(jobs, out, model, workers, tta, progress=progress, console=console)
+    summary = run_batch(jobs, out, model, workers, tta, progress=progress, console=console,
+                        lesion_mode=lesion_mode and lesion_mode.value)
     for line in report(summary, passed, out):
         console.print(escape(line), soft_wrap=True)
     if summary.failed:

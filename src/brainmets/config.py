@@ -104,8 +104,8 @@ class TrainConfig:
     scale: tuple[float, float] = (0.9, 1.1)
     flip_p: float = 0.5
     # Share of training slices whose T1 channels (one or both) are replaced by FLAIR, so a FLAIR-only study
-    # still segments well (the shipped models, trained without it, lose ~0.26 Dice on FLAIR alone). Off by
-    # default until a run measures what it costs on full studies.
+    # still segments well (the shipped networks, trained without it, lose 0.17-0.20 test Dice per patient on
+    # FLAIR alone: docs/results.md). Off by default until a run measures what it costs on full studies.
     missing_sequence_p: float = 0.0
     bf16: bool = True  # autocast on CPU: avx512_bf16 makes a step ~1.8x faster
     channels_last: bool = True

@@ -6,6 +6,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from brainmets.config import LESION_MODES
 from brainmets.dicomweb import StudyRow
 from brainmets.registry import CHOICES, SHIPPED
 from brainmets.study import ChannelSource, SeriesInfo
@@ -18,6 +19,9 @@ ModelChoice = Enum("ModelChoice", [(name, name) for name in CHOICES], type=str)
 class OutputFormat(str, Enum):
     json = "json"
     png = "png"
+
+
+LesionMode = Enum("LesionMode", [(mode, mode) for mode in LESION_MODES], type=str)
 
 
 class StudyFormat(str, Enum):

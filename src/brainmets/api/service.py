@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import math
 import threading
@@ -19,7 +20,7 @@ from brainmets.config import TrainConfig
 from brainmets.inference import Network, Prediction, Predictor
 from brainmets.readers import read_slice, read_volume
 from brainmets.registry import (BEST, ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir, resolve, shipped_metrics,
-                                validation_dice)
+                                tuned_post, validation_dice)
 from brainmets.study import Limits, study_from_upload, study_from_volume
 
 
@@ -59,8 +60,16 @@ class Models:
                 self._networks[name] = Network.load(path, self.runtime, self.threads, self.precision)
             return self._networks[name]
 
-    def predictor(self, choice: str) -> Predictor:
-        """`best`, `ensemble` (both shipped networks) or a shipped name."""
+    def predictor(self, choice: str, lesion_mode: str | None = None) -> Predictor:
+        """`best`, `ensemble` (both shipped networks) or a shipped name; `lesion_mode` overrides the model's
+        own for stacks, with the settings validation chose for that mode."""
+        predictor = self._predictor(choice)
+        if lesion_mode and lesion_mode != predictor.post.mode:
+            predictor.post = tuned_post(predictor.name, lesion_mode) or dataclasses.replace(predictor.post,
+                                                                                             mode=lesion_mode)
+        return predictor
+
+    def _predictor(self, choice: str) -> Predictor:
         if choice == BEST:
             try:
                 choice = best_name()
@@ -157,9 +166,11 @@ def segment_png(models: Models, data: bytes, choice: str, tta: bool, max_pixels:
     return p.mask_png(), headers
 
 
-def segment_volume(models: Models, data: bytes, choice: str, tta: bool, max_voxels: int) -> tuple[bytes, dict[str, str]]:
+def segment_volume(models: Models, data: bytes, choice: str, tta: bool, max_voxels: int,
+                   lesion_mode: str | None = None) -> tuple[bytes, dict[str, str]]:
     """The study path, for a NIfTI volume only (this route has always refused anything else)."""
-    result = study_results.segment_study(models.predictor(choice), study_from_volume(read_volume(data, max_voxels)), tta)
+    result = study_results.segment_study(models.predictor(choice, lesion_mode),
+                                         study_from_volume(read_volume(data, max_voxels)), tta)
     volume = result.on_grid()
     headers = {"X-Model": result.model, "X-Lesion-Volume-Mm3": f"{volume.lesion_volume_mm3:.2f}",
                "X-Lesion-Voxels": str(volume.lesion_voxels), "X-Inference-Ms": f"{result.seconds * 1000:.1f}"}
@@ -167,12 +178,13 @@ def segment_volume(models: Models, data: bytes, choice: str, tta: bool, max_voxe
 
 
 def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: Limits,
-                  channels: dict[str, str], output: str) -> StudyResponse | tuple[bytes, str, dict[str, str]]:
+                  channels: dict[str, str], output: str,
+                  lesion_mode: str | None = None) -> StudyResponse | tuple[bytes, str, dict[str, str]]:
     """A zip of DICOM series or numbered slices, or a NIfTI volume: the JSON answer, or for `output` nifti,
     dicom-seg or zip (all of them at once) the file with its media type and headers."""
     t0 = time.perf_counter()
     study = study_from_upload(data, channels, limits)
-    result = study_results.segment_study(models.predictor(choice), study, tta)
+    result = study_results.segment_study(models.predictor(choice, lesion_mode), study, tta)
     answer = study_response(result, time.perf_counter() - t0)
     if output == "json":
         return answer

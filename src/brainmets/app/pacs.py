@@ -7,7 +7,8 @@ import streamlit as st
 
 from brainmets.app.client import ApiError, Client
 from brainmets.app.compare import models_info
-from brainmets.app.segment import MODES, TITLES, available_modes
+from brainmets.app.segment import MODES, available_modes
+from brainmets.registry import title
 
 
 def render(api: str) -> None:
@@ -56,7 +57,7 @@ def show(answer: dict) -> None:
                 help=f"{answer['lesion_voxels']:,} voxels")
     seconds.metric("Time", f"{answer['total_ms'] / 1000:.1f} s",
                    help=f"fetch {answer['fetch_ms']:.0f} ms, engine {answer['inference_ms']:.0f} ms, "
-                        f"store {answer['store_ms']:.0f} ms; {TITLES.get(answer['model'], answer['model'])}")
+                        f"store {answer['store_ms']:.0f} ms; {title(answer['model'])}")
     if answer["lesions"]:
         st.dataframe([{"lesion": les["id"], "voxels": les["voxels"], "volume (mm³)": les["volume_mm3"],
                        "slices": f"{les['first_slice']}–{les['last_slice']}", "diameter (mm)": les["diameter_mm"],

@@ -5,7 +5,7 @@ from fastapi.responses import Response
 
 from brainmets.api import service
 from brainmets.api.deps import ModelsDep, PoolDep, SettingsDep
-from brainmets.api.schemas import ErrorResponse, ModelChoice, OutputFormat, SegmentResponse, StudyFormat, StudyResponse
+from brainmets.api.schemas import ErrorResponse, LesionMode, ModelChoice, OutputFormat, SegmentResponse, StudyFormat, StudyResponse
 from brainmets.readers import ACCEPTED
 from brainmets.registry import BEST
 
@@ -19,8 +19,11 @@ ERRORS = {
                                                  "`file` field; unknown model name."},
     503: {"model": ErrorResponse, "description": "Busy or too slow; retry after `Retry-After` seconds."},
 }
-ModelQuery = Annotated[ModelChoice, Query(description="`best` is the shipped model with the higher test Dice; "
+ModelQuery = Annotated[ModelChoice, Query(description="`best` is the candidate with the higher validation Dice; "
                                                       "`ensemble` averages the shipped networks.")]
+ModeQuery = Annotated[LesionMode | None, Query(description="For the stack: `single` keeps its strongest 3-D lesion "
+                                                          "(one per patient, as gliomas), `multiple` every one (as "
+                                                          "metastases). Unset: the model's own, chosen on validation.")]
 TtaQuery = Annotated[bool, Query(description="Average over horizontal and vertical flips (3x the time).")]
 
 
@@ -53,12 +56,13 @@ async def segment(
 async def segment_volume(
     file: Annotated[UploadFile, File(description="A NIfTI volume (.nii or .nii.gz): 3-D, or 4-D with 1 or 3 channels.")],
     models: ModelsDep, pool: PoolDep, settings: SettingsDep,
-    model: ModelQuery = ModelChoice(BEST), tta: TtaQuery = False,
+    model: ModelQuery = ModelChoice(BEST), tta: TtaQuery = False, lesion_mode: ModeQuery = None,
 ) -> Response:
-    """Slice by slice along the axial axis; returns a NIfTI mask with the input's affine."""
+    """Slice by slice along the axial axis, then the 3-D post-processing; returns a NIfTI mask with the input's
+    affine."""
     data = await file.read()
     body, headers = await pool.run(settings.volume_timeout_s, service.segment_volume, models, data, model.value, tta,
-                                   settings.max_voxels)
+                                   settings.max_voxels, lesion_mode and lesion_mode.value)
     return Response(body, media_type="application/gzip",
                     headers={**headers, "Content-Disposition": 'attachment; filename="mask.nii.gz"'})
 
@@ -85,6 +89,7 @@ async def segment_study(
     t1_pre: Annotated[str | None, _channel_query("pre-contrast T1")] = None,
     flair: Annotated[str | None, _channel_query("FLAIR")] = None,
     t1_post: Annotated[str | None, _channel_query("post-contrast T1")] = None,
+    lesion_mode: ModeQuery = None,
 ):
     """One engine call over the study's slices, then its 3-D lesions: id, voxels, volume in mm³, first and last
     slice, largest axial diameter, centroid, mean probability; the channel assignment, per-slice lesion areas,
@@ -93,7 +98,7 @@ async def segment_study(
     channels = {name: value for name, value in (("t1_pre", t1_pre), ("flair", flair), ("t1_post", t1_post))
                 if value is not None}
     answer = await pool.run(settings.volume_timeout_s, service.segment_study, models, data, model.value, tta,
-                            settings.study_limits, channels, format.value)
+                            settings.study_limits, channels, format.value, lesion_mode and lesion_mode.value)
     if isinstance(answer, StudyResponse):
         return answer
     body, media_type, headers = answer
