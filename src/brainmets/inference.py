@@ -1,7 +1,7 @@
 """The inference engine: a model loaded once that turns slices, stacks and volumes of any size into lesion masks.
 
-    Network    one trained model: preprocessed batches (B, 3, S, S) -> logits. OpenVINO (bf16 where the CPU
-               has it) or ONNX Runtime on the `<checkpoint>.onnx` exported from this very checkpoint
+    Network    one trained model: preprocessed batches (B, 3, S, S) -> logits. OpenVINO (bf16 on CPUs with
+               AMX, else f32) or ONNX Runtime on the `<checkpoint>.onnx` exported from this very checkpoint
                (`brainmets export`), else PyTorch
     Predictor  one network, or `ensemble` averaging both shipped ones; image -> probability, mask, lesions
 
@@ -40,7 +40,7 @@ from brainmets.registry import BEST, ENSEMBLE, SHIPPED, best_name, ensemble_post
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
-PRECISIONS = ("auto", "bf16", "f32")  # OpenVINO's inference precision; auto: bf16 where the CPU has it
+PRECISIONS = ("auto", "bf16", "f32")  # OpenVINO's inference precision; auto: bf16 on AMX CPUs, else f32
 BATCH = 16  # slices per forward pass (x3 with TTA): fewer calls for stacks, ~100 MB of activations at 256²
 ONNX_SHA_KEY = "checkpoint_sha256"  # ONNX metadata: the checkpoint the file was exported from
 
@@ -76,19 +76,26 @@ def onnx_session(path: Path, threads: int = 0, spinning: bool = False):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def openvino_model(path: Path, threads: int = 0, precision: str = "auto"):
-    """The ONNX file compiled by OpenVINO for the CPU, with its inference precision ('bf16' or 'f32').
+def amx_bf16() -> bool:
+    """Whether the CPU has AMX tiles for bf16 (Linux reports it in /proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and " amx_bf16" in cpuinfo.read_text()
 
-    Compiled models are cached under `$BRAINMETS_CACHE/openvino`, so a second start skips compilation."""
+
+def openvino_model(path: Path, threads: int = 0, precision: str = "auto"):
+    """The ONNX file compiled by OpenVINO for the CPU, with the inference precision it runs ('bf16' or 'f32').
+
+    `auto` is bf16 only on CPUs with AMX. OpenVINO's own default is bf16 wherever avx512_bf16 exists, but on our
+    avx512_bf16 CPU without AMX bf16 measured 1.25-1.45x slower than f32 (docs/performance.md). Compiled models
+    are cached under `$BRAINMETS_CACHE/openvino`, so a second start skips compilation."""
     import openvino as ov
 
     from brainmets.cache import cache_root
 
     core = ov.Core()
     core.set_property({"CACHE_DIR": str(cache_root() / "openvino")})
-    has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    hint = "bf16" if precision == "bf16" or (precision == "auto" and has_bf16) else "f32"
-    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    hint = precision if precision != "auto" else "bf16" if amx_bf16() else "f32"
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = core.compile_model(str(path), "CPU", config)

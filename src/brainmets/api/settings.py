@@ -13,7 +13,7 @@
     BRAINMETS_VOLUME_TIMEOUT_S   the same for a volume, segmented slice by slice (600)
     BRAINMETS_CORS_ORIGINS       JSON list of browser origins allowed to call the API ([]: none)
     BRAINMETS_RUNTIME            auto | openvino | onnxruntime | torch (auto: OpenVINO where exported)
-    BRAINMETS_PRECISION          auto | bf16 | f32: OpenVINO's precision (auto: bf16 where the CPU has it)
+    BRAINMETS_PRECISION          auto | bf16 | f32: OpenVINO's precision (auto: bf16 on CPUs with AMX, else f32)
     BRAINMETS_PRELOAD            load every installed model at start-up rather than on first use (true)
     BRAINMETS_DICOMWEB_URL       the PACS of /v1/pacs (DICOMweb base URL; unset: no PACS); credentials in
                                  BRAINMETS_DICOMWEB_USER and _PASSWORD, or _TOKEN, read by brainmets.dicomweb
