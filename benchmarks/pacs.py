@@ -11,7 +11,6 @@ instance is stored again, which Orthanc keeps once). Prints each phase and the m
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -22,8 +21,9 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
-from dicom_studies import mr_study, patient_slices, to_bytes  # noqa: E402
+from dicom_studies import mr_study, to_bytes  # noqa: E402
 from orthanc import OrthancServer, missing  # noqa: E402
+from study import study_arguments  # noqa: E402  (benchmarks/study.py)
 
 from brainmets.dicomweb import Pacs  # noqa: E402
 from brainmets.inference import Predictor  # noqa: E402
@@ -31,24 +31,15 @@ from brainmets.pacs import segment_in_pacs  # noqa: E402
 
 
 def main() -> None:
-    data = Path(os.environ.get("BRAINMETS_DATA", TESTS.parents[1] / "shared" / "data" / "lgg"))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patient", type=Path, help="a patient folder (default: the first with enough slices)")
-    parser.add_argument("--slices", type=int, default=40)
-    parser.add_argument("--model", default="best")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args, patient, images = study_arguments(__doc__, repeats=3)
     if reason := missing():
         sys.exit(reason)
-    patient = args.patient or next(p for p in sorted(data.iterdir())
-                                   if len(list(p.glob("*_mask.*"))) >= args.slices)
-    images, _ = patient_slices(patient, count=args.slices)
     study = mr_study(images)
     with tempfile.TemporaryDirectory() as folder:
         server = OrthancServer(Path(folder)).start()
         try:
             server.upload([to_bytes(ds) for ds in study.datasets])
-            predictor = Predictor.load(args.model)
+            predictor = Predictor.load(args.model, threads=args.threads)
             print(f"{patient.name}: {args.slices} slices x 3 series of {images[0].shape[1]}x{images[0].shape[0]}, "
                   f"model {predictor.name}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
             totals = []

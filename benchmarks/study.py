@@ -28,18 +28,24 @@ from dicom_studies import mr_study, patient_slices, to_files, zip_bytes  # noqa:
 from inference import api_server  # noqa: E402  (benchmarks/inference.py)
 
 
-def main() -> None:
+def study_arguments(doc: str, repeats: int):
+    """The options both study benchmarks take, and the study's slices: (args, patient folder, images)."""
     data = Path(os.environ.get("BRAINMETS_DATA", HERE.parents[1] / "shared" / "data" / "lgg"))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--patient", type=Path, help="a patient folder (default: the first with enough slices)")
     parser.add_argument("--slices", type=int, default=40)
     parser.add_argument("--model", default="best")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     patient = args.patient or next(p for p in sorted(data.iterdir())
                                    if len(list(p.glob("*_mask.*"))) >= args.slices)
     images, _ = patient_slices(patient, count=args.slices)
+    return args, patient, images
+
+
+def main() -> None:
+    args, patient, images = study_arguments(__doc__, repeats=5)
     upload = zip_bytes(to_files(mr_study(images).datasets))
     files = {"file": ("study.zip", upload, "application/zip")}
     params = {"model": args.model, "format": "dicom-seg"}

@@ -227,8 +227,9 @@ def server(models_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        assert client.post("/v1/segment", files={"file": ("a.png", PNG)}).status_code == 200  # models loaded
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        # The models load in the background after start-up; the first request waits for them.
+        assert client.post("/v1/segment", files={"file": ("a.png", PNG)}).status_code == 200
         yield client
 
 

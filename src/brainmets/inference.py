@@ -268,7 +268,7 @@ class Predictor:
             raise ValueError(f"networks preprocess differently ({sizes}); an ensemble needs one preprocessing")
         self.networks, self.name = list(networks), name
         self.preprocess_cfg = networks[0].cfg.preprocess
-        self.post = post or (networks[0].cfg.post if len(networks) == 1 else _mean_post(networks))
+        self.post = post or (networks[0].cfg.post if len(networks) == 1 else mean_post([n.cfg.post for n in networks]))
 
     @classmethod
     def load(cls, name_or_path: str | Path, runtime: str = "auto", threads: int = 0, precision: str = "auto",
@@ -355,9 +355,8 @@ class Predictor:
         return VolumePrediction(mask, volume.voxel_mm3, volume.affine, volume.header, time.perf_counter() - t0)
 
 
-def _mean_post(networks: Sequence[Network]) -> PostprocessConfig:
-    """An ensemble never tuned on validation: the networks' own rules, averaged."""
-    posts = [n.cfg.post for n in networks]
+def mean_post(posts: Sequence[PostprocessConfig]) -> PostprocessConfig:
+    """An ensemble never tuned on validation: its networks' own rules, averaged."""
     return PostprocessConfig(threshold=float(np.mean([p.threshold for p in posts])),
                              min_lesion_px=int(np.mean([p.min_lesion_px for p in posts])),
                              mode=posts[0].mode if len({p.mode for p in posts}) == 1 else "multiple",

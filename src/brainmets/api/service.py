@@ -17,7 +17,7 @@ from typing import Any, Callable
 from brainmets import study_results
 from brainmets.api.schemas import LesionOut, ModelInfo, SegmentResponse, StudyResponse
 from brainmets.config import TrainConfig
-from brainmets.inference import Network, Prediction, Predictor
+from brainmets.inference import Network, Prediction, Predictor, mean_post
 from brainmets.readers import read_slice, read_volume
 from brainmets.registry import (BEST, ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir, resolve, shipped_metrics,
                                 tuned_post, validation_dice)
@@ -91,7 +91,8 @@ class Models:
         for name in installed + ([ENSEMBLE] if len(installed) == len(SHIPPED) else []):
             if name == ENSEMBLE:
                 cfg = TrainConfig.load(models_dir() / SHIPPED[0] / "config.json")
-                post = ensemble_post() or Predictor([self.network(n) for n in SHIPPED], name).post
+                post = ensemble_post() or mean_post([TrainConfig.load(models_dir() / n / "config.json").post
+                                                     for n in SHIPPED])
                 loaded = self._networks.get(SHIPPED[0])
             else:
                 config_path = models_dir() / name / "config.json"
