@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,7 +168,21 @@ def api_process(models_root: Path, folder: Path, **settings: str) -> Iterator[tu
     env = {**os.environ, "BRAINMETS_MODELS": str(models_root), **settings}
     with running(serve_command("127.0.0.1", port), f"{url}/health", "API", folder / "api.log", env,
                  timeout_s=60) as process:
+        wait_for_models(url)
         yield url, process
+
+
+def wait_for_models(url: str, timeout_s: float = 120) -> None:
+    """/health answers while the models still load in the background; tests that time requests start after."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        models = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
+        if all(m["runtime"] for m in models if m["name"] != "ensemble"):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the models at {url} did not load within {timeout_s:g} s")
 
 
 @pytest.fixture(scope="session")
