@@ -86,7 +86,7 @@ def openvino_model(path: Path, threads: int = 0, precision: str = "auto"):
     """The ONNX file compiled by OpenVINO for the CPU, with the inference precision it runs ('bf16' or 'f32').
 
     `auto` is bf16 only on CPUs with AMX. OpenVINO's own default is bf16 wherever avx512_bf16 exists, but on our
-    avx512_bf16 CPU without AMX bf16 measured 1.25-1.45x slower than f32 (docs/performance.md). Compiled models
+    avx512_bf16 CPU without AMX bf16 measured 1.2-1.45x slower than f32 (docs/performance.md). Compiled models
     are cached under `$BRAINMETS_CACHE/openvino`, so a second start skips compilation."""
     import openvino as ov
 
