@@ -282,9 +282,13 @@ class Predictor:
                             ensemble_post())
         else:
             predictor = cls([Network.load(resolve(name), runtime, threads, precision)], name)
-        if lesion_mode and lesion_mode != predictor.post.mode:
-            predictor.post = tuned_post(name, lesion_mode) or dataclasses.replace(predictor.post, mode=lesion_mode)
+        predictor.use_lesion_mode(lesion_mode)
         return predictor
+
+    def use_lesion_mode(self, mode: str | None) -> None:
+        """Another lesion mode than the model's own, with the settings validation chose for it where known."""
+        if mode and mode != self.post.mode:
+            self.post = tuned_post(self.name, mode) or dataclasses.replace(self.post, mode=mode)
 
     @property
     def input_px(self) -> int:

@@ -36,9 +36,10 @@ def choose_and_score(predictor: Predictor, arrays: Arrays, split: dict[str, list
     tuned = tune_postprocessing(arrays, split["val"], val)
     post = PostprocessConfig(**tuned["post"])
     test = engine_probabilities(predictor, arrays, split["test"], progress=True)
-    chosen = report(arrays, split["test"], test, post)
-    modes = {m: summary(report(arrays, split["test"], test, PostprocessConfig(**t["post"])))
-             for m, t in tuned["modes"].items()}
+    # The chosen setting is its mode's best, so its test report is one of these.
+    by_mode = {m: report(arrays, split["test"], test, PostprocessConfig(**t["post"])) for m, t in tuned["modes"].items()}
+    chosen = by_mode[tuned["mode"]]
+    modes = {m: summary(r) for m, r in by_mode.items()}
     predictor.post = post
     flair = evaluate(predictor, arrays, split["test"], flair=True, progress=True)
     network = predictor.networks[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import io
 import math
 import threading
@@ -20,7 +19,7 @@ from brainmets.config import TrainConfig
 from brainmets.inference import Network, Prediction, Predictor, mean_post
 from brainmets.readers import read_slice, read_volume
 from brainmets.registry import (BEST, ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir, resolve, shipped_metrics,
-                                tuned_post, validation_dice)
+                                validation_dice)
 from brainmets.study import Limits, study_from_upload, study_from_volume
 
 
@@ -64,9 +63,7 @@ class Models:
         """`best`, `ensemble` (both shipped networks) or a shipped name; `lesion_mode` overrides the model's
         own for stacks, with the settings validation chose for that mode."""
         predictor = self._predictor(choice)
-        if lesion_mode and lesion_mode != predictor.post.mode:
-            predictor.post = tuned_post(predictor.name, lesion_mode) or dataclasses.replace(predictor.post,
-                                                                                             mode=lesion_mode)
+        predictor.use_lesion_mode(lesion_mode)
         return predictor
 
     def _predictor(self, choice: str) -> Predictor:
