@@ -9,14 +9,12 @@ to the seed recipe's setting (whole 256² slices, fp32, batch 8) of the same net
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from brainmets.config import make_config
-from brainmets.models import autocast, build_model, count_parameters
-from brainmets.training import make_loss
+from brainmets.models import build_model, count_parameters
+from brainmets.training import step_seconds
 
 SETTINGS = [  # (label, crop, batch, bf16, channels_last)
     ("seed: 256², fp32, batch 8", 256, 8, False, False),
@@ -26,29 +24,6 @@ SETTINGS = [  # (label, crop, batch, bf16, channels_last)
     ("128² crops, bf16, channels_last", 128, 8, True, True),
     ("128² crops, bf16, channels_last, batch 16", 128, 16, True, True),
 ]
-
-
-def step_seconds(name: str, crop: int, batch: int, bf16: bool, channels_last: bool, repeats: int) -> float:
-    cfg = make_config(name, "fast", bf16=bf16)
-    model = build_model(cfg.model).train()
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    loss_fn = make_loss(cfg)
-    x, y = torch.rand(batch, 3, crop, crop), (torch.rand(batch, 1, crop, crop) > 0.9).float()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    times = []
-    for i in range(repeats + 1):  # the first step warms up allocators and kernels
-        t0 = time.perf_counter()
-        with autocast(bf16):
-            out = model(x)
-        loss = loss_fn(out, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -65,7 +40,7 @@ def main() -> None:
         params = count_parameters(build_model(make_config(name).model))
         base = None
         for label, crop, batch, bf16, cl in SETTINGS:
-            s = step_seconds(name, crop, batch, bf16, cl, args.repeats)
+            s = step_seconds(make_config(name, "fast", bf16=bf16, channels_last=cl), crop, batch, args.repeats)
             # Pixels per second relative to the seed setting: a 128² crop is a quarter of a slice.
             px_rate = batch * crop * crop / s
             base = base or px_rate

@@ -12,7 +12,7 @@ from brainmets.checkpoints import load_checkpoint
 from brainmets.cli import app
 from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.data import open_dataset
-from brainmets.report import METRICS
+from brainmets.report import METRICS, Run
 from brainmets.shipping import ship
 
 
@@ -49,6 +49,8 @@ def test_ship_writes_a_complete_model_folder(shipped, tiny_run):
     card = (folder / "MODEL_CARD.md").read_text()
     assert f"{metrics['dice_per_patient_mean']:.3f}" in card and "test machine" in card
     assert f"`{cfg.lesion_mode}` mode" in card and "FLAIR alone" in card
+    run = Run.load("attention-unet", folder)
+    assert 0 < run.idle_share and f"{run.idle_share:.0%} of the idle benchmark" in card
 
 
 def test_the_shipped_engine_reproduces_the_model_card(shipped, dataset_folder, monkeypatch):

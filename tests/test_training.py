@@ -19,7 +19,7 @@ from brainmets.split import Split, make_split
 from brainmets.training import epoch_rows, learning_rate, make_loss, train
 from conftest import tiny_config
 
-LOG_KEYS = {"epoch", "train_loss", "val_dice", "seconds", "images_per_s"}
+LOG_KEYS = {"epoch", "train_loss", "val_dice", "seconds", "images_per_s", "idle_images_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,8 @@ def test_run_folder(tiny_run, dataset_folder):
     for r in log:
         assert LOG_KEYS <= set(r)
         assert r["seconds"] > 0 and r["images_per_s"] > 0 and np.isfinite(r["train_loss"]) and 0 <= r["val_dice"] <= 1
+    # one idle benchmark per process, taken before the first epoch, is the reference of every epoch's speed
+    assert log[0]["idle_images_per_s"] > 0 and len({r["idle_images_per_s"] for r in log}) == 1
     model, loaded_cfg = model_from_checkpoint(load_checkpoint(tiny_run / "best.pt"))
     assert loaded_cfg == cfg and not model.training
     with torch.no_grad():

@@ -61,17 +61,29 @@ class Run:
     def images_per_s(self) -> float:
         return statistics.median(h["images_per_s"] for h in self.log)
 
+    @property
+    def idle_images_per_s(self) -> float | None:
+        """The idle benchmark the run took of its own step at its start (and at each resume); None for runs
+        from before it did."""
+        idle = [h["idle_images_per_s"] for h in self.log if h.get("idle_images_per_s")]
+        return statistics.median(idle) if idle else None
+
+    @property
+    def idle_share(self) -> float | None:
+        return None if self.idle_images_per_s is None else self.images_per_s / self.idle_images_per_s
+
 
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def results_table(runs: list[Run]) -> str:
-    head = ["model", "recipe", *[title for _, title in METRICS], "epochs", "train min", "train img/s"]
+    head = ["model", "recipe", *[title for _, title in METRICS], "epochs", "train min", "train img/s", "of idle"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         cells = [r.label, r.config.recipe, *[_fmt(r.metrics.get(k)) for k, _ in METRICS], str(len(r.log)),
-                 f"{r.train_minutes:.0f}", f"{r.images_per_s:.1f}"]
+                 f"{r.train_minutes:.0f}", f"{r.images_per_s:.1f}",
+                 "–" if r.idle_share is None else f"{r.idle_share:.0%}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -118,7 +118,13 @@ def write_model_card(folder: Path, run: Run, params: int, best_epoch: int, hardw
     recipe = (f"{cfg.recipe} recipe: Adam lr {cfg.lr:g} ({cfg.lr_schedule}), batch {cfg.batch_size}, loss "
               f"{cfg.loss}, {'crops of ' + str(cfg.crop_size) + ' px' if cfg.crop_size else 'whole slices'}, "
               f"{cfg.empty_fraction:.0%} of empty slices per epoch, {'bf16 autocast' if cfg.bf16 else 'fp32'}, "
-              f"augmentation: rotation ±{cfg.rotate_deg:g}°, zoom {cfg.scale[0]:g}–{cfg.scale[1]:g}, flips")
+              f"augmentation: rotation ±{cfg.rotate_deg:g}°, zoom {cfg.scale[0]:g}–{cfg.scale[1]:g}, flips"
+              + (f", FLAIR standing in for a T1 channel in {cfg.missing_sequence_p:.0%} of slices"
+                 if cfg.missing_sequence_p else ""))
+    speed = f"{run.images_per_s:.1f} training images/s"
+    if run.idle_share is not None:
+        speed += (f", {run.idle_share:.0%} of the idle benchmark of the same step that the run took on the same "
+                  f"machine ({run.idle_images_per_s:.1f} img/s)")
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     text = f"""# Model card: {cfg.name}
 
@@ -132,7 +138,7 @@ Served by {m['runtime']} ({m['precision']}), which is also what every number bel
 {len(split['val'])} validation, {len(split['test'])} test patients (`split.json`).
 - **Preprocessing**: CLAHE (clip {cfg.preprocess.clahe_clip}, {cfg.preprocess.clahe_tile}×{cfg.preprocess.clahe_tile} \
 tiles) per channel, intensities to [0, 1] (`brainmets.preprocessing.preprocess`).
-- **Training**: {recipe}. {len(run.log)} epochs in {run.train_minutes:.0f} minutes on {hardware}; best validation \
+- **Training**: {recipe}. {len(run.log)} epochs in {run.train_minutes:.0f} minutes on {hardware} at {speed} (medians over epochs); best validation \
 per-patient Dice {max(h['val_dice'] for h in run.log):.3f} at epoch {best_epoch} (the weights shipped).
 - **Test metrics** ({m['patients']} patients, {m['slices']} slices, never seen in training or selection):
   Dice per patient mean {fmt(m['dice_per_patient_mean'])} (median {fmt(m['dice_per_patient_median'])}), \

@@ -111,6 +111,36 @@ def learning_rate(cfg: TrainConfig, progress: float) -> float:
     raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}; expected constant or cosine")
 
 
+def step_seconds(cfg: TrainConfig, crop: int, batch: int, repeats: int = 5) -> float:
+    """Median seconds of one training step (forward, backward, Adam) of `cfg`'s network and precision on a
+    random batch: the speed of the arithmetic alone, without data loading, on this machine now."""
+    model = build_model(cfg.model).train()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    loss_fn = make_loss(cfg)
+    x, y = torch.rand(batch, 3, crop, crop), (torch.rand(batch, 1, crop, crop) > 0.9).float()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    times = []
+    for i in range(repeats + 1):  # the first step warms up allocators and kernels
+        t0 = time.perf_counter()
+        with autocast(cfg.bf16):
+            out = model(x)
+        loss = loss_fn(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def idle_images_per_s(cfg: TrainConfig) -> float:
+    """The run's own step on random data, timed before it starts: the reference its images/s is logged
+    against, since shared machines run 2-15x slower at times and an old benchmark says nothing of now."""
+    return cfg.batch_size / step_seconds(cfg, cfg.crop_size or cfg.preprocess.image_size, cfg.batch_size)
+
+
 def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
     """Train to `out/` (last.pt, best.pt, config.json, split.json, log.jsonl); return the best checkpoint's
@@ -125,6 +155,9 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
     start_epoch, best, history = 0, -1.0, []
     if resume:
         cfg, start_epoch, best, history = _resume(out, cfg, model, optimizer, lead)
+    idle = idle_images_per_s(cfg) if device.type == "cpu" else None
+    if lead and idle:
+        console.print(f"idle benchmark of this step on random data: {idle:.1f} img/s")
     side = arrays.images.shape[1]
     if side != cfg.preprocess.image_size:  # the saved config would then describe another model than trained
         raise ValueError(f"the data was preprocessed to {side}-px slices but the run trains on "
@@ -159,7 +192,7 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
             record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)),
                       "val_dice": val["dice_per_patient_mean"], "val_dice_pooled": val["dice_pooled"],
                       "images": images, "processes": world, "seconds": time.monotonic() - t0,
-                      "images_per_s": images / train_seconds}
+                      "images_per_s": images / train_seconds, "idle_images_per_s": idle}
             history.append(record)
             improved, best = record["val_dice"] > best, max(best, record["val_dice"])
             if not lead:
@@ -168,9 +201,10 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
             _checkpoint(out, model, optimizer, cfg, split, history, best, improved)
             bar.update(epochs_task, advance=1, info=f"loss {record['train_loss']:.4f} val Dice "
                                                     f"{record['val_dice']:.4f} (best {best:.4f})")
+            speed = f" ({record['images_per_s'] / idle:.0%} of idle)" if idle else ""
             console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, validation "
                           f"per-patient Dice {record['val_dice']:.4f}, {record['seconds']:.0f} s, "
-                          f"{record['images_per_s']:.1f} img/s")
+                          f"{record['images_per_s']:.1f} img/s{speed}")
     return {"best_val_dice": best, "epochs": len(history), "seconds": sum(h["seconds"] for h in history)}
 
 
