@@ -115,7 +115,7 @@ def step_seconds(cfg: TrainConfig, crop: int, batch: int, repeats: int = 5) -> f
     """Median seconds of one training step (forward, backward, Adam) of `cfg`'s network and precision on a
     random batch: the speed of the arithmetic alone, without data loading, on this machine now."""
     model = build_model(cfg.model).train()
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = make_loss(cfg)
     x, y = torch.rand(batch, 3, crop, crop), (torch.rand(batch, 1, crop, crop) > 0.9).float()
     if cfg.channels_last:
@@ -123,7 +123,7 @@ def step_seconds(cfg: TrainConfig, crop: int, batch: int, repeats: int = 5) -> f
         x = x.contiguous(memory_format=torch.channels_last)
     times = []
     for i in range(repeats + 1):  # the first step warms up allocators and kernels
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         with autocast(cfg.bf16):
             out = model(x)
         loss = loss_fn(out, y)
@@ -131,7 +131,7 @@ def step_seconds(cfg: TrainConfig, crop: int, batch: int, repeats: int = 5) -> f
         loss.backward()
         opt.step()
         if i:
-            times.append(time.perf_counter() - t0)
+            times.append(time.monotonic() - t0)
     return float(np.median(times))
 
 

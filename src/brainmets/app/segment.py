@@ -86,8 +86,9 @@ def render(api: str) -> None:
 def controls(modes: list[str], key: str | None = None) -> tuple[str, bool, float]:
     """Model, flip TTA and overlay opacity, side by side; `key` tells a second view's widgets apart."""
     choice, tta_col, opacity_col = st.columns([2, 1, 2])
-    mode = choice.selectbox("Model", modes, help="best = the shipped model with the higher test Dice per patient.",
-                            key=key and f"{key}-model")
+    mode = choice.selectbox("Model", modes, key=key and f"{key}-model",
+                            help="best = the shipped candidate (either network or their ensemble) with the "
+                                 "highest validation Dice per patient.")
     tta = tta_col.toggle("Flip TTA", help="Test-time augmentation: average the prediction over flipped copies.",
                          key=key and f"{key}-tta")
     opacity = opacity_col.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key=key and f"{key}-opacity")
