@@ -313,7 +313,10 @@ def test_run_starts_the_api_and_the_page_and_ctrl_c_stops_both(models_root, monk
         assert requests.get(f"http://127.0.0.1:{api_port}/health", timeout=5).json()["models"]
         assert requests.get(f"http://127.0.0.1:{page_port}/_stcore/health", timeout=5).ok
         process.send_signal(signal.SIGINT)  # to `brainmets run` alone: it must stop its children itself
-        assert process.wait(90) == 0  # 30 s was too short once, on 2 busy cores
+        # communicate, not wait: it drains the pipe, which the children still write to as they stop; a full
+        # pipe would block them and `run` would wait for them forever
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
     finally:
         if process.poll() is None:
             process.kill()
