@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def run_both(host: str, api_port: int, page_port: int, say=print) -> int:
     """Start the API and the page, print both addresses, stop both on Ctrl-C or when either exits."""
     api = f"http://{host}:{api_port}"
     page = f"http://{host}:{page_port}"
+    _stop_on_signals()
     processes = [subprocess.Popen(serve_command(host, api_port))]
     try:
         processes.append(subprocess.Popen(page_command(host, page_port), env=page_env(api)))
@@ -134,3 +136,16 @@ def run_both(host: str, api_port: int, page_port: int, say=print) -> int:
         return 0
     finally:
         stop(processes)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and `kill` both end in run_both's KeyboardInterrupt path, which stops the children. Python
+    leaves SIGINT ignored when it started ignored, as every `&` job of a shell without job control does (a
+    script, CI): Ctrl-C then did nothing. SIGTERM's default would end this process alone, leaving the API and
+    the page running without a parent."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
