@@ -25,7 +25,7 @@ test-fast: install
 
 # Retrain, evaluate and ship both models as shipped in models/, tune the ensemble, pick `best` on validation,
 # then regenerate docs/results.md. The runs go one after the other with both cores each: runs sharing the
-# cores (with each other or with tests) trained the first shipped models at half speed. About 3.5 hours on
+# cores (with each other or with tests) trained the first shipped models at half speed. About 5 hours on
 # 2 CPU cores; each run logs its images/s against an idle benchmark of its own step.
 DATA ?= ../shared/data/lgg
 .PHONY: models
@@ -34,7 +34,7 @@ models: install
 	$(VENV)/bin/brainmets train --data $(DATA) --model attention-unet --split runs/split.json --out runs/attention-unet \
 		--epochs 200 --time-budget 130 --threads 2 --missing-sequence 0.3 --no-progress
 	$(VENV)/bin/brainmets train --data $(DATA) --model unetpp --split runs/split.json --out runs/unetpp \
-		--epochs 16 --time-budget 80 --threads 2 --no-progress
+		--epochs 400 --time-budget 150 --threads 2 --missing-sequence 0.3 --no-progress
 	$(VENV)/bin/brainmets ship --run runs/attention-unet --data $(DATA) --out models/attention-unet
 	$(VENV)/bin/brainmets ship --run runs/unetpp --data $(DATA) --out models/unetpp
 	$(VENV)/bin/brainmets select --data $(DATA)

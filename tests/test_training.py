@@ -133,6 +133,29 @@ def test_time_budget_stops_cleanly_and_keeps_best(data, tmp_path, monkeypatch, c
     assert not list(tmp_path.glob(".*tmp*"))  # no half-written checkpoint left behind
 
 
+def test_val_every_validates_every_nth_epoch_and_the_last(data, tmp_path):
+    arrays, split = data
+    result = train(tiny_config(epochs=5, val_every=2), arrays, split, tmp_path, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "val_dice" in r] == [2, 4, 5]
+    assert all(r["images_per_s"] > 0 for r in log)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] in (2, 4, 5)
+    assert best["best_val_dice"] == result["best_val_dice"] == max(r["val_dice"] for r in log if "val_dice" in r)
+    with pytest.raises(ValueError, match="validate every 0 epochs"):
+        tiny_config(val_every=0)
+
+
+def test_a_time_budget_still_validates_the_last_epoch(data, tmp_path, monkeypatch):
+    arrays, split = data
+    monkeypatch.setattr(training, "time", SimpleNamespace(monotonic=Clock(25.0).monotonic))
+    result = train(tiny_config(epochs=10, val_every=10, time_budget_min=6.0), arrays, split, tmp_path,
+                   progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert 1 <= result["epochs"] < 10 and [r["epoch"] for r in log if "val_dice" in r] == [result["epochs"]]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == result["epochs"]
+
+
 def test_unwritable_output_folder(data, tmp_path):
     arrays, split = data
     blocker = tmp_path / "a-file"

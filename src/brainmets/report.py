@@ -54,6 +54,11 @@ class Run:
                    TrainConfig.load(folder / "config.json"))
 
     @property
+    def validated(self) -> list[dict]:
+        """The epochs that were validated (every one, unless the run validated every n-th)."""
+        return [h for h in self.log if "val_dice" in h]
+
+    @property
     def train_minutes(self) -> float:
         return sum(h["seconds"] for h in self.log) / 60
 
@@ -92,7 +97,8 @@ def plot_training_curves(runs: list[Run], out: Path) -> None:
     fig, (ax_dice, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
         minutes = np.cumsum([h["seconds"] for h in r.log]) / 60
-        ax_dice.plot(minutes, [h["val_dice"] for h in r.log], marker=".", label=r.label)
+        scored = [i for i, h in enumerate(r.log) if "val_dice" in h]
+        ax_dice.plot(minutes[scored], [r.log[i]["val_dice"] for i in scored], marker=".", label=r.label)
         ax_loss.plot(minutes, [h["train_loss"] for h in r.log], marker=".", label=f"{r.label} ({r.config.loss})")
     ax_dice.set(xlabel="training minutes (2-core CPU)", ylabel="validation Dice per patient", ylim=(0, 1))
     ax_loss.set(xlabel="training minutes (2-core CPU)", ylabel="training loss", yscale="log")

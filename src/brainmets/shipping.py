@@ -139,7 +139,7 @@ Served by {m['runtime']} ({m['precision']}), which is also what every number bel
 - **Preprocessing**: CLAHE (clip {cfg.preprocess.clahe_clip}, {cfg.preprocess.clahe_tile}×{cfg.preprocess.clahe_tile} \
 tiles) per channel, intensities to [0, 1] (`brainmets.preprocessing.preprocess`).
 - **Training**: {recipe}. {len(run.log)} epochs in {run.train_minutes:.0f} minutes on {hardware}, at {speed} (medians over epochs); best validation \
-per-patient Dice {max(h['val_dice'] for h in run.log):.3f} at epoch {best_epoch} (the weights shipped).
+per-patient Dice {max(h['val_dice'] for h in run.validated):.3f} at epoch {best_epoch} (the weights shipped).
 - **Test metrics** ({m['patients']} patients, {m['slices']} slices, never seen in training or selection):
   Dice per patient mean {fmt(m['dice_per_patient_mean'])} (median {fmt(m['dice_per_patient_median'])}), \
 Dice per lesion slice {fmt(m['dice_lesion_slices_mean'])}, pooled Dice {fmt(m['dice_pooled'])}, IoU \

@@ -187,25 +187,50 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
             # train
             losses = _train_epoch(model, loader, optimizer, loss_fn, cfg, device, world, bar, epoch)
             train_seconds = time.monotonic() - t0
-            # validate (first process; the others wait for its verdict)
-            val = _validate(model, cfg, arrays, split, lead, world)
-            record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)),
-                      "val_dice": val["dice_per_patient_mean"], "val_dice_pooled": val["dice_pooled"],
-                      "images": images, "processes": world, "seconds": time.monotonic() - t0,
-                      "images_per_s": images / train_seconds, "idle_images_per_s": idle}
+            record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)), "images": images,
+                      "processes": world, "images_per_s": images / train_seconds, "idle_images_per_s": idle}
+            # validate (first process; the others wait for its verdict) every val_every-th epoch and the one
+            # foreseen as the last
+            spent = _max_across(elapsed_before + time.monotonic() - started, world)
+            scored = ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+                      or _over_budget(cfg, epoch + 1, spent))
+            if scored:
+                _score(record, model, cfg, arrays, split, lead, world)
+            record["seconds"] = time.monotonic() - t0
             history.append(record)
-            improved, best = record["val_dice"] > best, max(best, record["val_dice"])
-            if not lead:
-                continue
-            # checkpoint and log
-            _checkpoint(out, model, optimizer, cfg, split, history, best, improved)
-            bar.update(epochs_task, advance=1, info=f"loss {record['train_loss']:.4f} val Dice "
-                                                    f"{record['val_dice']:.4f} (best {best:.4f})")
-            speed = f" ({record['images_per_s'] / idle:.0%} of idle)" if idle else ""
-            console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, validation "
-                          f"per-patient Dice {record['val_dice']:.4f}, {record['seconds']:.0f} s, "
-                          f"{record['images_per_s']:.1f} img/s{speed}")
+            best = _log_epoch(out, model, optimizer, cfg, split, history, best, lead, bar, epochs_task, idle)
+        if history and "val_dice" not in history[-1]:  # the clock ran out sooner than foreseen
+            t0 = time.monotonic()
+            _score(history[-1], model, cfg, arrays, split, lead, world)
+            history[-1]["seconds"] += time.monotonic() - t0
+            best = _log_epoch(out, model, optimizer, cfg, split, history, best, lead, bar, epochs_task, idle,
+                              advance=0)
     return {"best_val_dice": best, "epochs": len(history), "seconds": sum(h["seconds"] for h in history)}
+
+
+def _score(record: dict, model: nn.Module, cfg: TrainConfig, arrays: Arrays, split: Split, lead: bool,
+           world: int) -> None:
+    val = _validate(model, cfg, arrays, split, lead, world)
+    record.update(val_dice=val["dice_per_patient_mean"], val_dice_pooled=val["dice_pooled"])
+
+
+def _log_epoch(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, split: Split,
+               history: list[dict], best: float, lead: bool, bar: Progress, task: Any, idle: float | None,
+               advance: int = 1) -> float:
+    """Checkpoint the epoch that `history` ends with (best.pt if its validation improved) and report it;
+    the best validation Dice so far."""
+    record = history[-1]
+    improved = record.get("val_dice", -1.0) > best
+    best = max(best, record.get("val_dice", -1.0))
+    if not lead:
+        return best
+    _checkpoint(out, model, optimizer, cfg, split, history, best, improved)
+    val = (f"validation per-patient Dice {record['val_dice']:.4f}, " if "val_dice" in record else "")
+    bar.update(task, advance=advance, info=f"loss {record['train_loss']:.4f} best val Dice {best:.4f}")
+    speed = f" ({record['images_per_s'] / idle:.0%} of idle)" if idle else ""
+    console.print(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['train_loss']:.4f}, {val}"
+                  f"{record['seconds']:.0f} s, {record['images_per_s']:.1f} img/s{speed}")
+    return best
 
 
 def _prepare(cfg: TrainConfig, out: Path, world: int, local_rank: int, lead: bool) -> torch.device:
