@@ -90,7 +90,7 @@ def dataset_zip(dataset_folder, tmp_path_factory) -> Path:
 
 def tiny_config(model: str = "attention-unet", **overrides):
     widths = {"attention-unet": (4, 8, 16), "unetpp": (4, 4, 8, 8, 16, 4)}[model]
-    settings = dict(epochs=2, batch_size=4, crop_size=32, bf16=False, empty_fraction=0.5,
+    settings = dict(epochs=2, batch_size=4, crop_size=32, bf16=False, empty_fraction=0.5, missing_sequence_p=0.0,
                     preprocess=PreprocessConfig(image_size=64))
     settings.update(overrides)
     return make_config(model, "fast", widths=widths, **settings)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from brainmets.augmentation import train_transform
+from brainmets.config import make_config
 from brainmets.metrics import dice
 from conftest import tiny_config
 
@@ -133,9 +134,9 @@ def test_missing_sequence_puts_flair_in_t1_channels_and_leaves_the_mask():
     np.testing.assert_array_equal(image[..., 0], 10)  # the input is not modified
 
 
-def test_missing_sequence_is_off_unless_asked():
-    from brainmets.augmentation import MissingSequence
-
+def test_missing_sequence_is_in_the_fast_recipe_not_in_the_seed_one():
     names = lambda cfg: [type(t).__name__ for t in train_transform(cfg).transforms]  # noqa: E731
-    assert "MissingSequence" not in names(tiny_config())
-    assert "MissingSequence" in names(tiny_config(missing_sequence_p=0.3))
+    assert make_config("attention-unet").missing_sequence_p == 0.3
+    assert "MissingSequence" in names(make_config("attention-unet"))
+    assert "MissingSequence" not in names(make_config("attention-unet", "seed"))
+    assert "MissingSequence" not in names(tiny_config(missing_sequence_p=0.0))

@@ -95,7 +95,7 @@ def train(
     crop: Annotated[Optional[int], typer.Option(help="Training crop side in px, 0 for whole slices (overrides the recipe).")] = None,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast on CPU (overrides the recipe).")] = None,
     deep_supervision: Annotated[bool, typer.Option(help="U-Net++ only: loss on every nested output.")] = False,
-    missing_sequence: Annotated[Optional[float], typer.Option(help="Share of training slices whose pre- and/or post-contrast channel is replaced by FLAIR, for studies with FLAIR only (default 0).")] = None,
+    missing_sequence: Annotated[Optional[float], typer.Option(help="Share of training slices whose pre- and/or post-contrast channel is replaced by FLAIR, for studies with FLAIR only (fast recipe: 0.3; seed: 0).")] = None,
     image_size: Annotated[int, typer.Option(help="Side in px every slice is resized to (a multiple of 16); the models ship at 256.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the split (if made here), initialisation and sampling.")] = 0,
     threads: Annotated[int, typer.Option(help="Torch threads; 0 uses every core.")] = 0,
