@@ -161,6 +161,7 @@ def test_bad_data_message_with_brackets_is_printed_verbatim(tmp_path):
     (["--crop", "40"], "crop 40 px: expected a multiple of 16"),
     (["--image-size", "64"], "crop 128 px"),  # the recipe's crop does not fit a 64-px slice
     (["--deep-supervision"], "unetpp only"),
+    (["--val-every", "0"], "validate every 0 epochs: expected 1 or more"),
 ])
 def test_bad_training_settings(args, fragment, dataset_folder, tmp_path):
     result = cli("train", "--data", dataset_folder, "--model", "attention-unet", "--out", tmp_path / "r", *args, code=2)
