@@ -85,6 +85,8 @@ def test_known_imperfect_prediction():
     assert (c["id"], c["slices"], c["dice"], c["hd95_px"]) == ("C", 2, pytest.approx(dice_c), pytest.approx(4.75))
     assert (a["lesions"], a["detected"], b["false_positives"], c["lesions"], c["detected"]) == (1, 1, 1, 2, 1)
     assert (a["lesion_slices"], b["lesion_slices"], c["lesion_slices"]) == (2, 0, 1)
+    assert (a["true_px"], a["predicted_px"], a["precision"], a["recall"]) == (8, 6, 1.0, 6 / 8)
+    assert (b["true_px"], b["precision"], b["recall"]) == (0, 0.0, None)  # one pixel claimed, none there
 
 
 def test_threshold_is_applied():

@@ -12,7 +12,7 @@ from brainmets.checkpoints import load_checkpoint
 from brainmets.cli import app
 from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.data import open_dataset
-from brainmets.report import METRICS, Run
+from brainmets.report import METRICS, Run, failure_line
 from brainmets.shipping import ship
 
 
@@ -103,3 +103,15 @@ def test_compare_overlays_need_a_model(shipped, dataset_folder, tmp_path):
     result = CliRunner().invoke(app, ["compare", "--run", f"x={folder}", "--data", str(dataset_folder),
                                       "--docs", str(tmp_path / "docs")])
     assert result.exit_code == 2 and "no compared folder holds a model.pt" in result.output
+
+
+@pytest.mark.parametrize("precision, recall, kind", [(0.95, 0.40, "outlined too small"), (0.45, 0.92, "outlined too large"),
+                                                     (0.50, 0.50, "off in both directions")])
+def test_a_worst_patient_line_says_what_kind_of_miss_it_was(precision, recall, kind):
+    row = {"id": "P", "dice": 0.6, "slices": 20, "lesion_slices": 5, "predicted_px": 2881, "true_px": 6120,
+           "precision": precision, "recall": recall, "lesions": 1, "detected": 1, "false_positives": 0}
+    line = failure_line(row)
+    assert line.startswith("P: Dice 0.600; 5 of 20 slices hold lesion; 2,881 voxels predicted against 6,120 true")
+    assert f"precision {precision:.2f}, recall {recall:.2f}: {kind})" in line
+    old = {k: v for k, v in row.items() if k not in ("true_px", "precision", "recall")}  # an older report
+    assert "2,881 voxels predicted; 1 of 1 lesions touched" in failure_line(old)

@@ -108,6 +108,7 @@ def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, post:
         slice_dices += [counts(p, t).dice for p, t in zip(pred, target) if t.any()]
         per_patient.append({"id": patient, "slices": len(target), "lesion_slices": int(target.any(axis=(1, 2)).sum()),
                             "dice": c.dice, "iou": c.iou, "hd95_px": hd95(pred, target), "predicted_px": int(pred.sum()),
+                            "true_px": int(target.sum()), "precision": c.precision, "recall": c.recall,
                             "lesions": det.lesions, "detected": det.detected, "false_positives": det.false_positives})
     if offset != len(probabilities):
         raise ValueError(f"{len(probabilities)} probability maps for {offset} slices")

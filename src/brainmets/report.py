@@ -202,11 +202,24 @@ def plot_threshold_curves(shipped: dict[str, dict], out: Path) -> None:
 
 
 def failure_line(p: dict) -> str:
-    """One test patient's miss, in numbers: how much was predicted, whether its lesions were found, what else."""
+    """One test patient's miss, in numbers: how much was predicted against the truth, whether its lesions were
+    found, what else, and which kind of miss that makes."""
     found = f"{p['detected']} of {p['lesions']} lesions touched" if p["lesions"] else "no lesion in the ground truth"
+    predicted = f"{p['predicted_px']:,} voxels predicted"
+    if "true_px" in p:  # reports written before the per-patient truth size was kept lack it
+        predicted += f" against {p['true_px']:,} true"
+        if p["precision"] is not None and p["recall"] is not None:
+            predicted += f" (precision {p['precision']:.2f}, recall {p['recall']:.2f}: {_miss_kind(p)})"
     return (f"{p['id']}: Dice {p['dice']:.3f}; {p['lesion_slices']} of {p['slices']} slices hold lesion; "
-            f"{p['predicted_px']:,} voxels predicted; {found}; {p['false_positives']} predicted components "
-            f"touching no lesion.")
+            f"{predicted}; {found}; {p['false_positives']} predicted components touching no lesion.")
+
+
+def _miss_kind(p: dict) -> str:
+    if p["recall"] < 0.8 <= p["precision"]:
+        return "outlined too small"
+    if p["precision"] < 0.8 <= p["recall"]:
+        return "outlined too large"
+    return "off in both directions" if p["recall"] < 0.8 else "close on both counts"
 
 
 def write_results(runs: list[Run], docs: Path, examples=None, shipped: dict[str, dict] | None = None,
