@@ -113,8 +113,9 @@ class TrainConfig:
     num_workers: int = 0  # data loading workers; augmentation is ~1 ms a slice, the net is the cost
     seed: int = 0
     time_budget_min: float | None = None  # stop cleanly after this many minutes
-    # Validate every n-th epoch (and the last): U-Net++'s validation of 9 patients' whole slices took 60 s of
-    # each 117-s epoch of 1,208 crops, so validating every epoch halved the crops a time budget buys.
+    # Validate every n-th epoch (and the last): U-Net++'s validation of 9 patients' whole slices took about
+    # half of each epoch of 1,208 crops in its shipped run, so validating every epoch halves the crops a time
+    # budget buys (README, Training).
     val_every: int = 1
     # Post-processing (see PostprocessConfig; tuned on validation at ship time, defaults for training's own
     # validation).
