@@ -129,6 +129,8 @@ class TrainConfig:
         size = self.preprocess.image_size
         if size % 16:
             raise ValueError(f"image size {size} px: expected a multiple of 16")
+        if not 0 <= self.empty_fraction <= 1:
+            raise ValueError(f"empty-slice fraction {self.empty_fraction}: expected 0 to 1")
         if self.val_every < 1:
             raise ValueError(f"validate every {self.val_every} epochs: expected 1 or more")
         if self.crop_size is not None and not (0 < self.crop_size <= size and self.crop_size % 16 == 0):
