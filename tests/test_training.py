@@ -156,6 +156,20 @@ def test_a_time_budget_still_validates_the_last_epoch(data, tmp_path, monkeypatc
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == result["epochs"]
 
 
+def test_whole_slice_phase_ends_the_run_on_whole_slices_with_every_empty_slice(data, tmp_path):
+    arrays, split = data
+    train(tiny_config(epochs=4, whole_slice_phase=0.5), arrays, split, tmp_path, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    train_slices = sum(len(arrays.rows(p)) for p in split.train)
+    assert [r["crop"] for r in log] == [32, 32, 64, 64]
+    assert [r["images"] for r in log][2:] == [train_slices] * 2 and log[0]["images"] < train_slices
+    # each phase is measured against the benchmark of its own step
+    crop_idle, whole_idle = log[0]["idle_images_per_s"], log[2]["idle_images_per_s"]
+    assert log[1]["idle_images_per_s"] == crop_idle and log[3]["idle_images_per_s"] == whole_idle != crop_idle
+    with pytest.raises(ValueError, match="whole-slice phase 1.0"):
+        tiny_config(whole_slice_phase=1.0)
+
+
 def test_unwritable_output_folder(data, tmp_path):
     arrays, split = data
     blocker = tmp_path / "a-file"

@@ -96,6 +96,7 @@ def train(
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast on CPU (overrides the recipe).")] = None,
     deep_supervision: Annotated[bool, typer.Option(help="U-Net++ only: loss on every nested output.")] = False,
     empty_fraction: Annotated[Optional[float], typer.Option(help="Share of the lesion-free training slices drawn each epoch, 1 for all (fast recipe: 0.3; seed: 1).")] = None,
+    whole_slice_phase: Annotated[Optional[float], typer.Option(help="Share of the run, at its end, trained on whole slices with every empty slice, as served (fast recipe: 0).")] = None,
     missing_sequence: Annotated[Optional[float], typer.Option(help="Share of training slices whose pre- and/or post-contrast channel is replaced by FLAIR, for studies with FLAIR only (fast recipe: 0.3; seed: 0).")] = None,
     image_size: Annotated[int, typer.Option(help="Side in px every slice is resized to (a multiple of 16); the models ship at 256.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the split (if made here), initialisation and sampling.")] = 0,
@@ -112,7 +113,7 @@ def train(
     cfg = make_config(model.value, recipe.value, deep_supervision=deep_supervision, epochs=epochs,
                       batch_size=batch_size, lr=lr, bf16=bf16, seed=seed, threads=threads,
                       time_budget_min=time_budget, missing_sequence_p=missing_sequence, val_every=val_every,
-                      empty_fraction=empty_fraction)
+                      empty_fraction=empty_fraction, whole_slice_phase=whole_slice_phase)
     # Size and crop together: the config checks that the crop fits the slice (make_config skips None).
     crop_setting = {} if crop is None else {"crop_size": crop or None}
     cfg = dataclasses.replace(cfg, preprocess=PreprocessConfig(image_size=image_size), **crop_setting)

@@ -99,6 +99,8 @@ class TrainConfig:
     crop_size: int | None = 128  # None trains on whole slices (seed)
     lesion_crop_prob: float = 0.6  # share of crops of a lesion slice centred on lesion pixels
     empty_fraction: float = 0.3  # share of lesion-free slices drawn each epoch (1.0 = all, seed)
+    # Share of the run, at its end, trained as served: whole slices, every empty slice (0: crops throughout).
+    whole_slice_phase: float = 0.0
     # Augmentation, image and mask together (training only).
     rotate_deg: float = 15.0
     scale: tuple[float, float] = (0.9, 1.1)
@@ -131,6 +133,9 @@ class TrainConfig:
             raise ValueError(f"image size {size} px: expected a multiple of 16")
         if not 0 <= self.empty_fraction <= 1:
             raise ValueError(f"empty-slice fraction {self.empty_fraction}: expected 0 to 1")
+        if not 0 <= self.whole_slice_phase < 1:
+            raise ValueError(f"whole-slice phase {self.whole_slice_phase}: expected a share of the run from 0 "
+                             f"to below 1")
         if self.val_every < 1:
             raise ValueError(f"validate every {self.val_every} epochs: expected 1 or more")
         if self.crop_size is not None and not (0 < self.crop_size <= size and self.crop_size % 16 == 0):

@@ -75,7 +75,10 @@ class Run:
 
     @property
     def idle_share(self) -> float | None:
-        return None if self.idle_images_per_s is None else self.images_per_s / self.idle_images_per_s
+        """Median over epochs of the epoch's speed against the benchmark of its own step (crops and whole
+        slices differ)."""
+        shares = [h["images_per_s"] / h["idle_images_per_s"] for h in self.log if h.get("idle_images_per_s")]
+        return statistics.median(shares) if shares else None
 
 
 def _fmt(value) -> str:

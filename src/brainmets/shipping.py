@@ -120,7 +120,9 @@ def write_model_card(folder: Path, run: Run, params: int, best_epoch: int, hardw
               f"{cfg.empty_fraction:.0%} of empty slices per epoch, {'bf16 autocast' if cfg.bf16 else 'fp32'}, "
               f"augmentation: rotation ±{cfg.rotate_deg:g}°, zoom {cfg.scale[0]:g}–{cfg.scale[1]:g}, flips"
               + (f", FLAIR standing in for a T1 channel in {cfg.missing_sequence_p:.0%} of slices"
-                 if cfg.missing_sequence_p else ""))
+                 if cfg.missing_sequence_p else "")
+              + (f"; the last {cfg.whole_slice_phase:.0%} of the run on whole slices with every empty slice"
+                 if cfg.whole_slice_phase else ""))
     speed = f"{run.images_per_s:.1f} training images/s"
     if run.idle_share is not None:
         speed += (f", {run.idle_share:.0%} of the idle benchmark of the same step that the run took on the same "

@@ -155,9 +155,17 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
     start_epoch, best, history = 0, -1.0, []
     if resume:
         cfg, start_epoch, best, history = _resume(out, cfg, model, optimizer, lead)
-    idle = idle_images_per_s(cfg) if device.type == "cpu" else None
-    if lead and idle:
-        console.print(f"idle benchmark of this step on random data: {idle:.1f} img/s")
+    benchmarks: dict[int | None, float | None] = {}  # crop size -> idle images/s of that step
+
+    def idle_for(phase: TrainConfig) -> float | None:
+        if phase.crop_size not in benchmarks:
+            benchmarks[phase.crop_size] = idle_images_per_s(phase) if device.type == "cpu" else None
+            if lead and benchmarks[phase.crop_size]:
+                console.print(f"idle benchmark of this step on random data "
+                              f"({phase.crop_size or 'whole'}-px slices): {benchmarks[phase.crop_size]:.1f} img/s")
+        return benchmarks[phase.crop_size]
+
+    idle_for(cfg)
     side = arrays.images.shape[1]
     if side != cfg.preprocess.image_size:  # the saved config would then describe another model than trained
         raise ValueError(f"the data was preprocessed to {side}-px slices but the run trains on "
@@ -166,7 +174,7 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
         cfg.save(out / "config.json")
         split.save(out / "split.json")
     model = _placed(model, cfg, device, local_rank, world)
-    loss_fn, transform = make_loss(cfg), train_transform(cfg)
+    loss_fn = make_loss(cfg)
     started, elapsed_before = time.monotonic(), sum(h["seconds"] for h in history)
 
     with _progress_bar(progress and lead) as bar:
@@ -174,13 +182,15 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
         for epoch in range(start_epoch, cfg.epochs):
             # stop before an epoch that would not fit the time budget, so every checkpoint is a whole epoch
             spent = _max_across(elapsed_before + time.monotonic() - started, world)
-            if _over_budget(cfg, epoch, spent):
+            if _over_budget(cfg, epoch, spent, history[-1]["seconds"] if history else 0.0):
                 if lead:
                     console.print(f"time budget of {cfg.time_budget_min} min reached after {epoch} epochs")
                 break
+            phase = _phase(cfg, epoch, spent)
+            idle = idle_for(phase)
             t0 = time.monotonic()
             # seed the epoch, then set its learning rate
-            loader, images = _epoch_loader(cfg, arrays, split, transform, epoch, rank, world)
+            loader, images = _epoch_loader(phase, arrays, split, train_transform(phase), epoch, rank, world)
             lr = learning_rate(cfg, _run_progress(cfg, epoch, spent))
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -188,12 +198,13 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
             losses = _train_epoch(model, loader, optimizer, loss_fn, cfg, device, world, bar, epoch)
             train_seconds = time.monotonic() - t0
             record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)), "images": images,
-                      "processes": world, "images_per_s": images / train_seconds, "idle_images_per_s": idle}
+                      "processes": world, "crop": phase.crop_size or side, "images_per_s": images / train_seconds,
+                      "idle_images_per_s": idle}
             # validate (first process; the others wait for its verdict) every val_every-th epoch and the one
             # foreseen as the last
             spent = _max_across(elapsed_before + time.monotonic() - started, world)
             scored = ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-                      or _over_budget(cfg, epoch + 1, spent))
+                      or _over_budget(cfg, epoch + 1, spent, time.monotonic() - t0))
             if scored:
                 _score(record, model, cfg, arrays, split, lead, world)
             record["seconds"] = time.monotonic() - t0
@@ -203,8 +214,8 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
             t0 = time.monotonic()
             _score(history[-1], model, cfg, arrays, split, lead, world)
             history[-1]["seconds"] += time.monotonic() - t0
-            best = _log_epoch(out, model, optimizer, cfg, split, history, best, lead, bar, epochs_task, idle,
-                              advance=0)
+            best = _log_epoch(out, model, optimizer, cfg, split, history, best, lead, bar, epochs_task,
+                              history[-1]["idle_images_per_s"], advance=0)
     return {"best_val_dice": best, "epochs": len(history), "seconds": sum(h["seconds"] for h in history)}
 
 
@@ -285,11 +296,20 @@ def _budget_s(cfg: TrainConfig) -> float | None:
     return cfg.time_budget_min * 60 if cfg.time_budget_min is not None else None
 
 
-def _over_budget(cfg: TrainConfig, epoch: int, spent: float) -> bool:
-    """Would one more epoch, as long as the average one so far, overrun the time budget?"""
+def _over_budget(cfg: TrainConfig, epoch: int, spent: float, last: float = 0.0) -> bool:
+    """Would one more epoch, as long as the average one so far or the `last` one if that was longer,
+    overrun the time budget? (A whole-slice epoch is several crop epochs long.)"""
     budget = _budget_s(cfg)
-    per_epoch = spent / max(1, epoch) if epoch else 0.0
+    per_epoch = max(spent / max(1, epoch) if epoch else 0.0, last)
     return budget is not None and spent + per_epoch > budget
+
+
+def _phase(cfg: TrainConfig, epoch: int, spent: float) -> TrainConfig:
+    """The settings of the epoch: in the run's last `whole_slice_phase`, whole slices and every empty slice,
+    so the network ends on the distribution it serves; crops before."""
+    if cfg.whole_slice_phase and _run_progress(cfg, epoch, spent) >= 1 - cfg.whole_slice_phase:
+        return dataclasses.replace(cfg, crop_size=None, empty_fraction=1.0)
+    return cfg
 
 
 def _run_progress(cfg: TrainConfig, epoch: int, spent: float) -> float:
