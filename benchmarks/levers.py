@@ -48,7 +48,8 @@ def main() -> None:
     args = ap.parse_args()
     models = {name: name for name in CANDIDATES} | dict(e.split("=", 1) for e in args.extra)
 
-    first = Predictor.load(CANDIDATES[0]).networks[0]
+    loaded = {CANDIDATES[0]: Predictor.load(CANDIDATES[0])}
+    first = loaded[CANDIDATES[0]].networks[0]
     arrays = preprocessed(open_dataset(args.data), first.cfg.preprocess)
     val = json.loads((resolve(CANDIDATES[0]).parent / "split.json").read_text())["val"]
     for label, model in models.items():  # every candidate must have left the same patients out
@@ -63,7 +64,7 @@ def main() -> None:
             for variant in variants:
                 probs[label, variant] = sum(probs[n, variant] for n in SHIPPED) / len(SHIPPED)
             continue
-        predictor = Predictor.load(model)
+        predictor = loaded.get(model) or Predictor.load(model)
         for variant, kwargs in variants.items():
             probs[label, variant] = engine_probabilities(predictor, arrays, val, **kwargs)
     rows, chosen = [], {}
