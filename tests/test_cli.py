@@ -55,11 +55,12 @@ def test_split(dataset_folder, tmp_path):
 def test_train_one_epoch(dataset_zip, tmp_path):
     out = tmp_path / "run"
     cli("train", "--data", dataset_zip, "--model", "attention-unet", "--out", out, "--epochs", 1, "--crop", 32,
-        "--image-size", 64, "--fp32", "--no-progress")
+        "--image-size", 64, "--fp32", "--empty-fraction", 0.5, "--whole-slice-phase", 0.25, "--no-progress")
     assert {"best.pt", "last.pt", "config.json", "split.json", "log.jsonl"} <= {p.name for p in out.iterdir()}
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["config"]["crop_size"] == 32 and ckpt["config"]["bf16"] is False
     assert ckpt["config"]["preprocess"]["image_size"] == 64 and ckpt["config"]["epochs"] == 1
+    assert ckpt["config"]["empty_fraction"] == 0.5 and ckpt["config"]["whole_slice_phase"] == 0.25
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
     # resuming keeps the run's 64-px slices; data prepared at the default 256 px is refused, not mixed in
     resumed = cli("train", "--data", dataset_zip, "--model", "attention-unet", "--out", out, "--resume",
@@ -162,6 +163,8 @@ def test_bad_data_message_with_brackets_is_printed_verbatim(tmp_path):
     (["--image-size", "64"], "crop 128 px"),  # the recipe's crop does not fit a 64-px slice
     (["--deep-supervision"], "unetpp only"),
     (["--val-every", "0"], "validate every 0 epochs: expected 1 or more"),
+    (["--empty-fraction", "1.5"], "empty-slice fraction 1.5: expected 0 to 1"),
+    (["--whole-slice-phase", "1"], "whole-slice phase 1.0: expected a share of the run"),
 ])
 def test_bad_training_settings(args, fragment, dataset_folder, tmp_path):
     result = cli("train", "--data", dataset_folder, "--model", "attention-unet", "--out", tmp_path / "r", *args, code=2)
