@@ -161,8 +161,9 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
         if phase.crop_size not in benchmarks:
             benchmarks[phase.crop_size] = idle_images_per_s(phase) if device.type == "cpu" else None
             if lead and benchmarks[phase.crop_size]:
-                console.print(f"idle benchmark of this step on random data "
-                              f"({phase.crop_size or 'whole'}-px slices): {benchmarks[phase.crop_size]:.1f} img/s")
+                what = f"{phase.crop_size}-px crops" if phase.crop_size else "whole slices"
+                console.print(f"idle benchmark of this step on random data ({what}): "
+                              f"{benchmarks[phase.crop_size]:.1f} img/s")
         return benchmarks[phase.crop_size]
 
     idle_for(cfg)
