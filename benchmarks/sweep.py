@@ -25,6 +25,7 @@ from brainmets.config import TrainConfig
 from brainmets.data import open_dataset
 from brainmets.evaluation import engine_probabilities
 from brainmets.inference import Predictor
+from brainmets.report import Run
 
 HERE = Path(__file__).resolve().parent
 NOT_LEVERS = {"time_budget_min", "epochs"}  # the budget is the same for all; epochs only cap it
@@ -64,17 +65,16 @@ def main() -> None:
     rows, base_dice = [], None
     for run, cfg in zip(args.runs, configs):
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-        validated = [h for h in log if "val_dice" in h]
-        best = max(validated, key=lambda h: h["val_dice"])
+        facts = Run(run.name, run, {}, log, cfg)  # a training run: no metrics until it is shipped
+        best = max(facts.validated, key=lambda h: h["val_dice"])
         full, flair = scores(run, arrays, val)
         if base_dice is None:
             base_dice = full["per_patient"]
         diff = [a - b for a, b in zip(full["per_patient"], base_dice)]
-        share = statistics.median(h["images_per_s"] / h["idle_images_per_s"] for h in log if h.get("idle_images_per_s"))
-        rows.append(f"| {run.name} | {lever(cfg.to_dict(), base)} | {sum(h['seconds'] for h in log) / 60:.0f} | "
-                    f"{statistics.median(h['images_per_s'] for h in log):.1f} ({share:.0%}) | "
+        rows.append(f"| {run.name} | {lever(cfg.to_dict(), base)} | {facts.train_minutes:.0f} | "
+                    f"{facts.images_per_s:.1f} ({facts.idle_share:.0%}) | "
                     f"{len(log)} ({sum(h['images'] for h in log):,}) | {best['val_dice']:.3f} (epoch {best['epoch']}) | "
-                    f"{validated[-1]['val_dice']:.3f} | {full['modes'][full['mode']]:.3f} ({full['mode']}) | "
+                    f"{facts.validated[-1]['val_dice']:.3f} | {full['modes'][full['mode']]:.3f} ({full['mode']}) | "
                     + ("–" if run == args.runs[0] else f"{statistics.fmean(diff):+.3f} ± {standard_error(diff):.3f}")
                     + f" | {flair['modes'][flair['mode']]:.3f} |")
         print(rows[-1], flush=True)
