@@ -37,9 +37,10 @@ def test_sigkill_mid_run_then_resume_loses_at_most_one_epoch(dataset_folder, tmp
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
 
-    # What the crash left is whole: the last checkpoint loads and agrees with the log.
+    # What the crash left is whole: the last checkpoint loads, and the log is its history, or one epoch
+    # short of it when the kill fell between the checkpoint's rename and the log's.
     done = load_checkpoint(out / "last.pt")["epoch"]
-    assert epochs_logged(out) == list(range(1, done + 1))
+    assert epochs_logged(out) in (list(range(1, done + 1)), list(range(1, done)))
     assert done >= 2
     load_checkpoint(out / "best.pt")
 

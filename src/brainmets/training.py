@@ -271,6 +271,7 @@ def _resume(out: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.opti
     optimizer.load_state_dict(ckpt["optimizer"])
     if lead:
         console.print(f"resuming {out} at epoch {ckpt['epoch'] + 1} (best validation Dice {ckpt['best_val_dice']:.4f})")
+        _write_log(out, ckpt["history"])  # a kill between last.pt's rename and the log's left it an epoch short
     # The run continues with the settings it started with; only the time budget is the new one.
     return (dataclasses.replace(saved, time_budget_min=cfg.time_budget_min), ckpt["epoch"], ckpt["best_val_dice"],
             ckpt["history"])
@@ -371,12 +372,17 @@ def _validate(model: nn.Module, cfg: TrainConfig, arrays: Arrays, split: Split, 
 def _checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, split: Split,
                 history: list[dict], best: float, improved: bool) -> None:
     """best.pt when the epoch improved, last.pt (with the optimizer) always, then the log, rewritten whole
-    from the checkpoint's history so that the two always agree."""
+    from the checkpoint's history. last.pt is the record: two files cannot be renamed at once, so a kill
+    between the renames leaves the log one epoch behind until `--resume` rewrites it from last.pt."""
     state = {"model": _plain(model).state_dict(), "config": cfg.to_dict(), "epoch": history[-1]["epoch"],
              "best_val_dice": best, "history": history, "split": dataclasses.asdict(split)}
     if improved:
         save_atomic(state, out / "best.pt")
     save_atomic({**state, "optimizer": optimizer.state_dict()}, out / "last.pt")
+    _write_log(out, history)
+
+
+def _write_log(out: Path, history: list[dict]) -> None:
     write_atomic(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
 
