@@ -182,3 +182,14 @@ def test_real_process_error_has_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {missing}: no such file or folder"
+
+
+def test_train_init_from_a_run_folder(tiny_run, dataset_zip, tmp_path):
+    out = tmp_path / "tuned"
+    cli("train", "--data", dataset_zip, "--model", "attention-unet", "--out", out, "--epochs", 1, "--crop", 32,
+        "--image-size", 64, "--fp32", "--init-from", tiny_run, "--no-progress")
+    assert load_checkpoint(out / "best.pt")["config"]["init_from"] == str(tiny_run / "best.pt")
+    wrong = cli("train", "--data", dataset_zip, "--model", "unetpp", "--out", tmp_path / "u", "--epochs", 1,
+                "--crop", 32, "--image-size", 64, "--init-from", tiny_run, "--no-progress", code=2)
+    assert_one_line_error(wrong, "--init-from", "holds attention-unet, not the requested unetpp")
+    assert not (tmp_path / "u").exists()

@@ -284,3 +284,26 @@ def test_epoch_rows(data):
         assert len(chosen) == len(lesion) + round(len(empty) * fraction)
     assert epoch_rows(arrays, split.train, 0.5, np.random.default_rng(3)) == \
         epoch_rows(arrays, split.train, 0.5, np.random.default_rng(3))
+
+
+def test_init_from_starts_at_the_given_weights_and_refuses_another_network(tiny_run, data, tmp_path):
+    arrays, split = data
+    base = load_checkpoint(tiny_run / "best.pt")
+    # at learning rate 0 a fine-tuning run keeps the weights it starts from, exactly (batch norm's running
+    # statistics still move in training mode: weights only)
+    weights = [k for k in base["model"] if "running_" not in k and "num_batches" not in k]
+    cfg = tiny_config(epochs=1, lr=0.0, init_from=str(tiny_run / "best.pt"))
+    train(cfg, arrays, split, tmp_path / "tuned", progress=False)
+    tuned = load_checkpoint(tmp_path / "tuned" / "best.pt")
+    assert tuned["config"]["init_from"] == str(tiny_run / "best.pt")
+    assert all(torch.equal(tuned["model"][k], base["model"][k]) for k in weights)
+    # from random weights the same run ends elsewhere
+    train(tiny_config(epochs=1, lr=0.0), arrays, split, tmp_path / "fresh", progress=False)
+    fresh = load_checkpoint(tmp_path / "fresh" / "best.pt")
+    assert not all(torch.equal(fresh["model"][k], base["model"][k]) for k in weights)
+    with pytest.raises(ValueError, match="holds attention-unet of widths \\[4, 8, 16\\], not the requested unetpp"):
+        train(tiny_config("unetpp", init_from=str(tiny_run / "best.pt")), arrays, split, tmp_path / "u", progress=False)
+    with pytest.raises(ValueError, match="not the requested attention-unet of widths \\[8, 16, 32\\]"):
+        wider = tiny_config(init_from=str(tiny_run / "best.pt"))
+        wider = dataclasses.replace(wider, model=dataclasses.replace(wider.model, widths=(8, 16, 32)))
+        train(wider, arrays, split, tmp_path / "w", progress=False)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from brainmets.config import LESION_MODES, MODEL_NAMES, PreprocessConfig, make_config
+from brainmets.config import LESION_MODES, MODEL_NAMES, PreprocessConfig, TrainConfig, make_config
 from brainmets.registry import CHOICES, SHIPPED
 
 app = typer.Typer(help="Brain lesion segmentation in MRI slices: split, train, evaluate, predict, serve.",
@@ -103,17 +103,27 @@ def train(
     threads: Annotated[int, typer.Option(help="Torch threads; 0 uses every core.")] = 0,
     time_budget: Annotated[Optional[float], typer.Option(help="Minutes; stops before an epoch that would not fit, keeping the best checkpoint.")] = None,
     val_every: Annotated[Optional[int], typer.Option(help="Validate every n-th epoch and the last (default 1): validation is half of a U-Net++ epoch, so 3 buys about 1.5x the crops in a time budget.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from these weights instead of random ones (fine-tuning): a shipped model's name, a run folder or a .pt checkpoint of the same network.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt (weights, optimizer, epoch).")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train a network; the best epoch on validation per-patient Dice is kept as best.pt."""
+    from brainmets.checkpoints import load_checkpoint
+    from brainmets.registry import resolve
     from brainmets.split import Split, make_split
     from brainmets.training import train as run_training
 
-    cfg = make_config(model.value, recipe.value, deep_supervision=deep_supervision, epochs=epochs,
+    init, widths = (str(resolve(init_from)), None) if init_from else (None, None)
+    if init:  # a fine-tuned network keeps the widths of the one it starts from
+        start = TrainConfig.from_dict(load_checkpoint(Path(init))["config"]).model
+        if start.name != model.value:
+            raise ValueError(f"--init-from: {init} holds {start.name}, not the requested {model.value}")
+        widths = start.widths
+    cfg = make_config(model.value, recipe.value, widths=widths, deep_supervision=deep_supervision, epochs=epochs,
                       batch_size=batch_size, lr=lr, bf16=bf16, seed=seed, threads=threads,
                       time_budget_min=time_budget, missing_sequence_p=missing_sequence, val_every=val_every,
-                      empty_fraction=empty_fraction, whole_slice_phase=whole_slice_phase)
+                      empty_fraction=empty_fraction, whole_slice_phase=whole_slice_phase,
+                      init_from=init)
     # Size and crop together: the config checks that the crop fits the slice (make_config skips None).
     crop_setting = {} if crop is None else {"crop_size": crop or None}
     cfg = dataclasses.replace(cfg, preprocess=PreprocessConfig(image_size=image_size), **crop_setting)

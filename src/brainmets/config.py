@@ -114,6 +114,9 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 leaves torch's default (all cores)
     num_workers: int = 0  # data loading workers; augmentation is ~1 ms a slice, the net is the cost
     seed: int = 0
+    # A checkpoint whose weights start the run instead of random ones (fine-tuning: a shipped model on new
+    # data, or on a new augmentation); the model card names it, since the run's minutes are on top of its.
+    init_from: str | None = None
     time_budget_min: float | None = None  # stop cleanly after this many minutes
     # Validate every n-th epoch (and the last): U-Net++'s validation of 9 patients' whole slices took about
     # half of each epoch of 1,208 crops in its shipped run, so validating every epoch halves the crops a time

@@ -155,6 +155,8 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
     start_epoch, best, history = 0, -1.0, []
     if resume:
         cfg, start_epoch, best, history = _resume(out, cfg, model, optimizer, lead)
+    elif cfg.init_from:
+        _init_weights(model, cfg, lead)
     benchmarks: dict[int | None, float | None] = {}  # crop size -> idle images/s of that step
 
     def idle_for(phase: TrainConfig) -> float | None:
@@ -275,6 +277,19 @@ def _resume(out: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.opti
     # The run continues with the settings it started with; only the time budget is the new one.
     return (dataclasses.replace(saved, time_budget_min=cfg.time_budget_min), ckpt["epoch"], ckpt["best_val_dice"],
             ckpt["history"])
+
+
+def _init_weights(model: nn.Module, cfg: TrainConfig, lead: bool) -> None:
+    """Start from `cfg.init_from`'s weights; its network must be the one configured (deep supervision aside:
+    MONAI's U-Net++ has the same weights with it or without)."""
+    ckpt = load_checkpoint(Path(cfg.init_from))
+    saved = TrainConfig.from_dict(ckpt["config"]).model
+    if dataclasses.replace(saved, deep_supervision=cfg.model.deep_supervision) != cfg.model:
+        raise ValueError(f"--init-from: {cfg.init_from} holds {saved.name} of widths {list(saved.widths)}, "
+                         f"not the requested {cfg.model.name} of widths {list(cfg.model.widths)}")
+    model.load_state_dict(ckpt["model"])
+    if lead:
+        console.print(f"starting from the weights of {cfg.init_from} (epoch {ckpt.get('epoch', '?')})")
 
 
 def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, local_rank: int, world: int) -> nn.Module:
