@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -12,8 +13,8 @@ from brainmets.checkpoints import load_checkpoint
 from brainmets.cli import app
 from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.data import open_dataset
-from brainmets.report import METRICS, Run, failure_line
-from brainmets.shipping import ship
+from brainmets.report import METRICS, Run, failure_line, results_table
+from brainmets.shipping import ship, write_model_card
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,22 @@ def test_ship_writes_a_complete_model_folder(shipped, tiny_run):
     assert f"`{cfg.lesion_mode}` mode" in card and "FLAIR alone" in card
     run = Run.load("attention-unet", folder)
     assert 0 < run.idle_share and f"{run.idle_share:.0%} of the idle benchmark" in card
+
+
+def test_a_fine_tuned_run_says_so_in_its_card_and_the_results(shipped, tmp_path):
+    """Shipped over the folder it started from, the card's path names the new weights; the hash still names the old."""
+    folder = tmp_path / "fine-tuned"
+    shutil.copytree(shipped / "attention-unet", folder)
+    run = Run.load("attention-unet", folder)
+    start = dataclasses.replace(run.config, init_from="models/attention-unet/model.pt", init_sha256="0123456789abcdef" * 4)
+    write_model_card(folder, dataclasses.replace(run, config=start), 1_000_000, 1, "test machine", "synthetic")
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "fine-tuned from the weights `models/attention-unet/model.pt` held when the run started " \
+           "(sha256 0123456789abcdef)" in card
+    on_top = "come on top of those of the model it started from"
+    table = results_table([dataclasses.replace(run, config=start), run])
+    assert f"| attention-unet | {run.config.recipe}, fine-tuned |" in table and on_top in table
+    assert on_top not in results_table([run])
 
 
 def test_the_shipped_engine_reproduces_the_model_card(shipped, dataset_folder, monkeypatch):

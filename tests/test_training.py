@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from types import SimpleNamespace
 
@@ -296,6 +297,7 @@ def test_init_from_starts_at_the_given_weights_and_refuses_another_network(tiny_
     train(cfg, arrays, split, tmp_path / "tuned", progress=False)
     tuned = load_checkpoint(tmp_path / "tuned" / "best.pt")
     assert tuned["config"]["init_from"] == str(tiny_run / "best.pt")
+    assert tuned["config"]["init_sha256"] == hashlib.sha256((tiny_run / "best.pt").read_bytes()).hexdigest()
     assert all(torch.equal(tuned["model"][k], base["model"][k]) for k in weights)
     # from random weights the same run ends elsewhere
     train(tiny_config(epochs=1, lr=0.0), arrays, split, tmp_path / "fresh", progress=False)

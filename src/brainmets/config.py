@@ -117,6 +117,7 @@ class TrainConfig:
     # A checkpoint whose weights start the run instead of random ones (fine-tuning: a shipped model on new
     # data, or on a new augmentation); the model card names it, since the run's minutes are on top of its.
     init_from: str | None = None
+    init_sha256: str | None = None  # set by training: init_from's file as the run found it
     time_budget_min: float | None = None  # stop cleanly after this many minutes
     # Validate every n-th epoch (and the last): U-Net++'s validation of 9 patients' whole slices took about
     # half of each epoch of 1,208 crops in its shipped run, so validating every epoch halves the crops a time

@@ -89,10 +89,14 @@ def results_table(runs: list[Run]) -> str:
     head = ["model", "recipe", *[title for _, title in METRICS], "epochs", "train min", "train img/s", "of idle"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
-        cells = [r.label, r.config.recipe, *[_fmt(r.metrics.get(k)) for k, _ in METRICS], str(len(r.log)),
+        recipe = r.config.recipe + (", fine-tuned" if r.config.init_from else "")
+        cells = [r.label, recipe, *[_fmt(r.metrics.get(k)) for k, _ in METRICS], str(len(r.log)),
                  f"{r.train_minutes:.0f}", f"{r.images_per_s:.1f}",
                  "–" if r.idle_share is None else f"{r.idle_share:.0%}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.config.init_from for r in runs):
+        lines.append("\nA fine-tuned run's epochs and minutes come on top of those of the model it started from "
+                     "(its model card names that model).")
     return "\n".join(lines)
 
 

@@ -123,8 +123,10 @@ def write_model_card(folder: Path, run: Run, params: int, best_epoch: int, hardw
                  if cfg.missing_sequence_p else "")
               + (f"; the last {cfg.whole_slice_phase:.0%} of the run on whole slices with every empty slice"
                  if cfg.whole_slice_phase else "")
-              + (f"; fine-tuned from the weights `{cfg.init_from}` held when the run started, so the epochs and "
-                 f"minutes below come on top of that model's own training" if cfg.init_from else ""))
+              + (f"; fine-tuned from the weights `{cfg.init_from}` held when the run started"
+                 + (f" (sha256 {cfg.init_sha256[:16]})" if cfg.init_sha256 else "")
+                 + ", so the epochs and minutes below come on top of that model's own training"
+                 if cfg.init_from else ""))
     speed = f"{run.images_per_s:.1f} training images/s"
     if run.idle_share is not None:
         speed += (f", {run.idle_share:.0%} of the idle benchmark of the same step that the run took on the same "

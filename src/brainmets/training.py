@@ -11,6 +11,7 @@ primitives, written whole or not at all (`brainmets.checkpoints`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -156,7 +157,7 @@ def train(cfg: TrainConfig, arrays: Arrays, split: Split, out: Path, resume: boo
     if resume:
         cfg, start_epoch, best, history = _resume(out, cfg, model, optimizer, lead)
     elif cfg.init_from:
-        _init_weights(model, cfg, lead)
+        cfg = _init_weights(model, cfg, lead)
     benchmarks: dict[int | None, float | None] = {}  # crop size -> idle images/s of that step
 
     def idle_for(phase: TrainConfig) -> float | None:
@@ -279,10 +280,12 @@ def _resume(out: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.opti
             ckpt["history"])
 
 
-def _init_weights(model: nn.Module, cfg: TrainConfig, lead: bool) -> None:
+def _init_weights(model: nn.Module, cfg: TrainConfig, lead: bool) -> TrainConfig:
     """Start from `cfg.init_from`'s weights; its network must be the one configured (deep supervision aside:
-    MONAI's U-Net++ has the same weights with it or without)."""
-    ckpt = load_checkpoint(Path(cfg.init_from))
+    MONAI's U-Net++ has the same weights with it or without). The config comes back with the file's sha256,
+    which still names those weights once the path holds others (a fine-tuned model shipped over its source)."""
+    path = Path(cfg.init_from)
+    ckpt = load_checkpoint(path)
     saved = TrainConfig.from_dict(ckpt["config"]).model
     if dataclasses.replace(saved, deep_supervision=cfg.model.deep_supervision) != cfg.model:
         raise ValueError(f"--init-from: {cfg.init_from} holds {saved.name} of widths {list(saved.widths)}, "
@@ -290,6 +293,7 @@ def _init_weights(model: nn.Module, cfg: TrainConfig, lead: bool) -> None:
     model.load_state_dict(ckpt["model"])
     if lead:
         console.print(f"starting from the weights of {cfg.init_from} (epoch {ckpt.get('epoch', '?')})")
+    return dataclasses.replace(cfg, init_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, local_rank: int, world: int) -> nn.Module:
