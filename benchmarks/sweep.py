@@ -29,8 +29,9 @@ from brainmets.report import Run
 
 HERE = Path(__file__).resolve().parent
 # The budget is the same for all and epochs only cap it; the post-processing is what `ship` chose afterwards
-# (a shipped model's folder can be the baseline), re-tuned here for every run alike.
-NOT_LEVERS = {"time_budget_min", "epochs", "threshold", "min_lesion_px", "lesion_mode", "min_lesion_voxels"}
+# (a shipped model's folder can be the baseline), re-tuned here for every run alike; init_from names the start.
+NOT_LEVERS = {"time_budget_min", "epochs", "threshold", "min_lesion_px", "lesion_mode", "min_lesion_voxels",
+              "init_sha256"}
 
 
 def lever(cfg: dict, base: dict) -> str:
