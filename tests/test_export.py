@@ -11,7 +11,8 @@ from brainmets import export as export_module
 from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 from brainmets.config import TrainConfig
 from brainmets.export import TOLERANCE, export_onnx, max_abs_diff
-from brainmets.inference import ONNX_SHA_KEY, file_sha256, onnx_session
+from brainmets.checkpoints import file_sha256
+from brainmets.inference import ONNX_SHA_KEY, onnx_session
 
 
 def test_exported_graph_is_checked_tagged_and_shape_free(models_root):

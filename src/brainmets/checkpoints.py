@@ -1,6 +1,7 @@
 """Checkpoints in and out, and every file written whole or not at all.
 
     load_checkpoint(path)         a checkpoint's dict; never unpickles code (weights_only)
+    file_sha256(path)             what names a checkpoint's weights wherever the file goes
     model_from_checkpoint(ckpt)   the network in eval mode and the config it was trained with
     save_atomic(obj, path)        torch.save through a temporary file and a rename
     write_atomic(path, data)      the same for text or bytes (logs, masks, summaries)
@@ -13,6 +14,7 @@ and `history`. The serving path loads them through this module, never through `t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 from collections.abc import Iterator
@@ -33,6 +35,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a readable brainmets checkpoint ({str(e).splitlines()[0]})") from e
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, TrainConfig]:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
-from brainmets.inference import ONNX_SHA_KEY, file_sha256, onnx_session
+from brainmets.checkpoints import file_sha256
+from brainmets.inference import ONNX_SHA_KEY, onnx_session
 
 # max |ONNX - PyTorch| on the probabilities, what the engine serves. Not on the logits: a trained
 # network's logits reach tens, where float32 reordering alone moves them by ~4e-4.

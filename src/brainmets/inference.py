@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import hashlib
 import logging
 import threading
 import time
@@ -30,7 +29,7 @@ import onnx
 import torch
 from scipy.special import expit
 
-from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
+from brainmets.checkpoints import file_sha256, load_checkpoint, model_from_checkpoint
 from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.postprocessing import mask_slice, mask_stack
 from brainmets.preprocessing import preprocess
@@ -47,10 +46,6 @@ ONNX_SHA_KEY = "checkpoint_sha256"  # ONNX metadata: the checkpoint the file was
 
 class InputError(ValueError):
     """The decoded image cannot be segmented (too small, NaN, wrong shape); the message says why."""
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def exported_from(onnx_path: Path) -> str | None:

@@ -28,7 +28,8 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from brainmets.dicomweb import SEG_DESCRIPTION, AccessDenied, Pacs, PacsError, PacsUnreachable, UnusableStudy
-from brainmets.inference import ENSEMBLE, Predictor, file_sha256
+from brainmets.checkpoints import file_sha256
+from brainmets.inference import ENSEMBLE, Predictor
 from brainmets.registry import SHIPPED
 from brainmets.study import study_from_datasets
 from brainmets.study_results import StudyResult, segment_study

@@ -11,7 +11,6 @@ primitives, written whole or not at all (`brainmets.checkpoints`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -30,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from brainmets.augmentation import train_transform
 from brainmets.cache import Arrays
-from brainmets.checkpoints import check_writable, load_checkpoint, save_atomic, sweep_temporaries, write_atomic
+from brainmets.checkpoints import (check_writable, file_sha256, load_checkpoint, save_atomic, sweep_temporaries,
+                                   write_atomic)
 from brainmets.config import TrainConfig
 from brainmets.evaluation import validate
 from brainmets.models import autocast, build_model
@@ -293,7 +293,7 @@ def _init_weights(model: nn.Module, cfg: TrainConfig, lead: bool) -> TrainConfig
     model.load_state_dict(ckpt["model"])
     if lead:
         console.print(f"starting from the weights of {cfg.init_from} (epoch {ckpt.get('epoch', '?')})")
-    return dataclasses.replace(cfg, init_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    return dataclasses.replace(cfg, init_sha256=file_sha256(path))
 
 
 def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, local_rank: int, world: int) -> nn.Module:
