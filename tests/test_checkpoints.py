@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from brainmets.checkpoints import (load_checkpoint, model_from_checkpoint, replacing, sweep_temporaries,
-                                   write_atomic)
+from brainmets.checkpoints import (file_sha256, load_checkpoint, load_hashed_checkpoint, model_from_checkpoint,
+                                   replacing, sweep_temporaries, write_atomic)
 from brainmets.models import build_model
 from conftest import tiny_config
 
@@ -24,6 +24,16 @@ def test_model_round_trips_through_a_checkpoint(tmp_path):
     x = torch.rand(1, 3, 32, 32)
     assert loaded_cfg == cfg and not loaded.training
     torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_hashed_load_names_the_bytes_it_loaded_and_refuses_a_broken_file(tmp_path):
+    torch.save({"epoch": 3, "w": torch.arange(4)}, tmp_path / "m.pt")
+    ckpt, sha256 = load_hashed_checkpoint(tmp_path / "m.pt")
+    assert ckpt["epoch"] == 3 and torch.equal(ckpt["w"], torch.arange(4))
+    assert sha256 == file_sha256(tmp_path / "m.pt") and len(sha256) == 64
+    (tmp_path / "half.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:100])
+    with pytest.raises(ValueError, match="half.pt: not a readable brainmets checkpoint"):
+        load_hashed_checkpoint(tmp_path / "half.pt")
 
 
 def test_write_atomic_writes_text_and_bytes_and_creates_the_folder(tmp_path):

@@ -1,6 +1,7 @@
 """Checkpoints in and out, and every file written whole or not at all.
 
     load_checkpoint(path)         a checkpoint's dict; never unpickles code (weights_only)
+    load_hashed_checkpoint(path)  the same and the sha256 of the bytes it was read from, in one read
     file_sha256(path)             what names a checkpoint's weights wherever the file goes
     model_from_checkpoint(ckpt)   the network in eval mode and the config it was trained with
     save_atomic(obj, path)        torch.save through a temporary file and a rename
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import pickle
 from collections.abc import Iterator
@@ -31,10 +33,18 @@ TMP_MARK = ".tmp-"  # .<name>.tmp-<pid>: hidden, and unique per writing process
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's dict; never unpickles code (weights_only), so a hostile file cannot run anything."""
+    return load_hashed_checkpoint(path)[0]
+
+
+def load_hashed_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
+    """A checkpoint's dict and the sha256 of the very bytes it came from: one read, so the name cannot belong
+    to other weights than the ones loaded (a file replaced between a load and a second read to hash it)."""
+    data = Path(path).read_bytes()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a readable brainmets checkpoint ({str(e).splitlines()[0]})") from e
+    return ckpt, hashlib.sha256(data).hexdigest()
 
 
 def file_sha256(path: Path) -> str:

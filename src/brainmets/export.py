@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
-from brainmets.checkpoints import file_sha256
+from brainmets.checkpoints import load_hashed_checkpoint, model_from_checkpoint
 from brainmets.inference import ONNX_SHA_KEY, onnx_session
 
 # max |ONNX - PyTorch| on the probabilities, what the engine serves. Not on the logits: a trained
@@ -41,7 +40,8 @@ def export_onnx(checkpoint: Path, out: Path | None = None, opset: int = OPSET) -
     ValueError if ONNX Runtime's probabilities differ from PyTorch's by more than TOLERANCE."""
     checkpoint = Path(checkpoint)
     out = Path(out) if out else checkpoint.with_suffix(".onnx")
-    model, cfg = model_from_checkpoint(load_checkpoint(checkpoint))
+    ckpt, sha256 = load_hashed_checkpoint(checkpoint)
+    model, cfg = model_from_checkpoint(ckpt)
     size = cfg.preprocess.image_size
     free = torch.export.Dim.DYNAMIC
     # The exporter warns about each torchvision operator it cannot register (we use none) and about
@@ -52,7 +52,7 @@ def export_onnx(checkpoint: Path, out: Path | None = None, opset: int = OPSET) -
         program = torch.onnx.export(model, (torch.rand(1, 3, size, size),), dynamo=True, opset_version=opset,
                                     input_names=["image"], output_names=["logits"],
                                     dynamic_shapes=({0: free, 2: free, 3: free},), verbose=False)
-    program.model.metadata_props[ONNX_SHA_KEY] = file_sha256(checkpoint)
+    program.model.metadata_props[ONNX_SHA_KEY] = sha256
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:

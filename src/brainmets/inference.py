@@ -29,7 +29,7 @@ import onnx
 import torch
 from scipy.special import expit
 
-from brainmets.checkpoints import file_sha256, load_checkpoint, model_from_checkpoint
+from brainmets.checkpoints import load_hashed_checkpoint, model_from_checkpoint
 from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.postprocessing import mask_slice, mask_stack
 from brainmets.preprocessing import preprocess
@@ -127,14 +127,14 @@ class Network:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         checkpoint = Path(checkpoint)
-        ckpt = load_checkpoint(checkpoint)
+        ckpt, sha256 = load_hashed_checkpoint(checkpoint)
         cfg = TrainConfig.from_dict(ckpt["config"])
         onnx_path = checkpoint.with_suffix(".onnx")
         if runtime != "torch":
             if not onnx_path.exists():
                 if runtime != "auto":
                     raise FileNotFoundError(f"no {onnx_path}; run `brainmets export {checkpoint}`")
-            elif exported_from(onnx_path) != file_sha256(checkpoint):
+            elif exported_from(onnx_path) != sha256:
                 if runtime != "auto":
                     raise ValueError(f"{onnx_path} was not exported from {checkpoint}; "
                                      f"run `brainmets export {checkpoint}`")

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from brainmets.augmentation import train_transform
 from brainmets.cache import Arrays
-from brainmets.checkpoints import (check_writable, file_sha256, load_checkpoint, save_atomic, sweep_temporaries,
-                                   write_atomic)
+from brainmets.checkpoints import (check_writable, load_checkpoint, load_hashed_checkpoint, save_atomic,
+                                   sweep_temporaries, write_atomic)
 from brainmets.config import TrainConfig
 from brainmets.evaluation import validate
 from brainmets.models import autocast, build_model
@@ -285,7 +285,7 @@ def _init_weights(model: nn.Module, cfg: TrainConfig, lead: bool) -> TrainConfig
     MONAI's U-Net++ has the same weights with it or without). The config comes back with the file's sha256,
     which still names those weights once the path holds others (a fine-tuned model shipped over its source)."""
     path = Path(cfg.init_from)
-    ckpt = load_checkpoint(path)
+    ckpt, sha256 = load_hashed_checkpoint(path)
     saved = TrainConfig.from_dict(ckpt["config"]).model
     if dataclasses.replace(saved, deep_supervision=cfg.model.deep_supervision) != cfg.model:
         raise ValueError(f"--init-from: {cfg.init_from} holds {saved.name} of widths {list(saved.widths)}, "
@@ -293,7 +293,7 @@ def _init_weights(model: nn.Module, cfg: TrainConfig, lead: bool) -> TrainConfig
     model.load_state_dict(ckpt["model"])
     if lead:
         console.print(f"starting from the weights of {cfg.init_from} (epoch {ckpt.get('epoch', '?')})")
-    return dataclasses.replace(cfg, init_sha256=file_sha256(path))
+    return dataclasses.replace(cfg, init_sha256=sha256)
 
 
 def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, local_rank: int, world: int) -> nn.Module:
