@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -8,11 +9,10 @@ import pytest
 import torch
 
 from brainmets import export as export_module
-from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
+from brainmets.checkpoints import file_sha256, load_checkpoint, model_from_checkpoint
 from brainmets.config import TrainConfig
 from brainmets.export import TOLERANCE, export_onnx, max_abs_diff
-from brainmets.checkpoints import file_sha256
-from brainmets.inference import ONNX_SHA_KEY, onnx_session
+from brainmets.inference import ONNX_SHA_KEY, Network, onnx_session
 
 
 def test_exported_graph_is_checked_tagged_and_shape_free(models_root):
@@ -52,3 +52,20 @@ def test_eager_and_exported_agree_on_a_trained_model(models_root):
     model, _ = model_from_checkpoint(load_checkpoint(models_root / "attention-unet" / "model.pt"))
     with torch.inference_mode():
         assert max_abs_diff(model, models_root / "attention-unet" / "model.onnx", [(2, 64, 64)]) <= TOLERANCE
+
+
+def test_openvino_answers_threads_at_once(models_root):
+    """Threads inferring at once at different batch sizes (each one a reshape, where OpenVINO deadlocked without
+    the process's inference lock) all finish, with the answers one thread gets."""
+    net = Network.load(models_root / "attention-unet" / "model.pt", "openvino", threads=1)
+    size = net.cfg.preprocess.image_size
+    rng = np.random.default_rng(0)
+    batches = [rng.random((b, 3, size, size), dtype=np.float32) for b in (1, 3, 2, 1, 3, 2)]
+    expected = [net.forward(x) for x in batches]
+    pool = ThreadPoolExecutor(len(batches))
+    try:
+        got = [f.result(timeout=120) for f in [pool.submit(net.forward, x) for x in batches]]
+    finally:
+        pool.shutdown(wait=False)
+    for answer, alone in zip(got, expected):
+        np.testing.assert_allclose(answer, alone, atol=1e-5)

@@ -13,7 +13,7 @@ from brainmets.checkpoints import load_checkpoint
 from brainmets.cli import app
 from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.data import open_dataset
-from brainmets.report import METRICS, Run, failure_line, results_table
+from brainmets.report import METRICS, Run, curve_label, failure_line, results_table
 from brainmets.shipping import ship, write_model_card
 
 
@@ -68,6 +68,8 @@ def test_a_fine_tuned_run_says_so_in_its_card_and_the_results(shipped, tmp_path)
     table = results_table([dataclasses.replace(run, config=start), run])
     assert f"| attention-unet | {run.config.recipe}, fine-tuned |" in table and on_top in table
     assert on_top not in results_table([run])
+    assert (curve_label(dataclasses.replace(run, config=start)), curve_label(run)) == \
+        ("attention-unet, fine-tune only", "attention-unet")
 
 
 def test_the_shipped_engine_reproduces_the_model_card(shipped, dataset_folder, monkeypatch):
@@ -104,6 +106,12 @@ def test_compare_regenerates_results(shipped, dataset_folder, tmp_path, monkeypa
     assert "Choosing `best`, on validation only" in text and (docs / "results-thresholds.png").stat().st_size > 5000
     for png in ("results-training-curves.png", "results-dice-per-patient.png", "results-overlays.png"):
         assert (docs / png).stat().st_size > 5000
+    best = re.search(r"\| \*\*(\S+)\*\* \(`best`\)", text).group(1)
+    flair = json.loads((shipped / best / "metrics.json").read_text())["flair_only"]["per_patient"]
+    heading = f"With FLAIR alone in all three channels (a study without T1 series), `best` ({best}) on its worst test patients:"
+    listed = text.split(heading)[1].split("\n\n")[1].splitlines()
+    worst = sorted(flair, key=lambda p: p["dice"])[:3]
+    assert listed == [f"- {failure_line(p)}" for p in worst] and len(listed) == min(3, len(flair))
 
 
 def test_compare_without_anything_to_compare(tmp_path, monkeypatch):

@@ -97,14 +97,19 @@ def openvino_model(path: Path, threads: int = 0, precision: str = "auto"):
     return compiled, compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
+# OpenVINO 2026.4 can deadlock when two threads infer at once, each with its own request: the API's start-up
+# warm-up and its first request hung that way for good (a thread dump showed both inside InferRequest.infer,
+# copying their input), so the process runs one OpenVINO inference at a time; the served default of one
+# inference worker already did, but for that race.
+_OPENVINO_INFER = threading.Lock()
+
+
 def openvino_forward(compiled) -> Callable[[np.ndarray], np.ndarray]:
-    """An infer request per calling thread: the API runs requests in a pool, and one request is not reentrant."""
-    local = threading.local()
+    request = compiled.create_infer_request()
 
     def forward(x: np.ndarray) -> np.ndarray:
-        if not hasattr(local, "request"):
-            local.request = compiled.create_infer_request()
-        return local.request.infer({0: x})[0]
+        with _OPENVINO_INFER:
+            return request.infer({0: x})[0]  # a copy (share_outputs is off): safe once the lock is freed
 
     return forward
 

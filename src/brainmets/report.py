@@ -100,13 +100,19 @@ def results_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def curve_label(run: Run) -> str:
+    """A fine-tuned run's log starts at its starting model's end: its curve's minutes are the fine-tune's only."""
+    return f"{run.label}, fine-tune only" if run.config.init_from else run.label
+
+
 def plot_training_curves(runs: list[Run], out: Path) -> None:
     fig, (ax_dice, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
         minutes = np.cumsum([h["seconds"] for h in r.log]) / 60
         scored = [i for i, h in enumerate(r.log) if "val_dice" in h]
-        ax_dice.plot(minutes[scored], [r.log[i]["val_dice"] for i in scored], marker=".", label=r.label)
-        ax_loss.plot(minutes, [h["train_loss"] for h in r.log], marker=".", label=f"{r.label} ({r.config.loss})")
+        ax_dice.plot(minutes[scored], [r.log[i]["val_dice"] for i in scored], marker=".", label=curve_label(r))
+        ax_loss.plot(minutes, [h["train_loss"] for h in r.log], marker=".",
+                     label=f"{curve_label(r)} ({r.config.loss})")
     ax_dice.set(xlabel="training minutes (2-core CPU)", ylabel="validation Dice per patient", ylim=(0, 1))
     ax_loss.set(xlabel="training minutes (2-core CPU)", ylabel="training loss", yscale="log")
     for ax in (ax_dice, ax_loss):
@@ -229,6 +235,10 @@ def _miss_kind(p: dict) -> str:
     return "off in both directions" if p["recall"] < 0.8 else "close on both counts"
 
 
+def _worst_three(per_patient: list[dict]) -> list[str]:
+    return [f"- {failure_line(p)}" for p in sorted(per_patient, key=lambda p: p["dice"])[:3]]
+
+
 def write_results(runs: list[Run], docs: Path, examples=None, shipped: dict[str, dict] | None = None,
                   best: str | None = None, examples_of: str | None = None) -> Path:
     """docs/results.md and its figures (results-*.png)."""
@@ -261,13 +271,16 @@ def write_results(runs: list[Run], docs: Path, examples=None, shipped: dict[str,
                   "is the candidate with the higher validation Dice; the test columns were computed once, after.",
                   "", selection_table(shipped, best), "",
                   "![validation Dice against the threshold](results-thresholds.png)", ""]
+        flair = shipped[best]["flair_only"].get("per_patient")
+        if flair:  # reports shipped before the FLAIR-alone rows were kept lack them
+            lines += [f"With FLAIR alone in all three channels (a study without T1 series), `best` ({best}) on its "
+                      "worst test patients:", "", *_worst_three(flair), ""]
     if examples:
         plot_overlays(examples, docs / "results-overlays.png")
         lines += [f"Examples of {examples_of or runs[0].label}: the best, median and three worst test patients (ground truth",
                   "green, prediction red).", "", "![overlays](results-overlays.png)", ""]
         run = next((r for r in runs if r.label == examples_of), runs[0])
-        lines += ["What the worst test patients' masks did:", "",
-                  *(f"- {failure_line(p)}" for p in sorted(run.metrics["per_patient"], key=lambda p: p["dice"])[:3]), ""]
+        lines += ["What the worst test patients' masks did:", "", *_worst_three(run.metrics["per_patient"]), ""]
     out = docs / "results.md"
     out.write_text("\n".join(lines))
     return out

@@ -31,7 +31,7 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
 
 def choose_and_score(predictor: Predictor, arrays: Arrays, split: dict[str, list[str]]) -> tuple[PostprocessConfig, dict]:
     """Tune post-processing on validation, then score test with it (and with the other lesion mode, and with
-    FLAIR alone in all three channels), all through `predictor`'s engine."""
+    FLAIR alone in all three channels, per patient too), all through `predictor`'s engine."""
     val = engine_probabilities(predictor, arrays, split["val"], progress=True)
     tuned = tune_postprocessing(arrays, split["val"], val)
     post = PostprocessConfig(**tuned["post"])
@@ -45,7 +45,7 @@ def choose_and_score(predictor: Predictor, arrays: Arrays, split: dict[str, list
     network = predictor.networks[0]
     metrics = {"split": "test", "runtime": network.runtime, "precision": network.precision,
                "validation_tuning": tuned, "validation": summary(report(arrays, split["val"], val, post)),
-               "test_by_mode": modes, "flair_only": summary(flair), **chosen}
+               "test_by_mode": modes, "flair_only": flair, **chosen}
     return post, metrics
 
 

@@ -7,7 +7,8 @@
     BRAINMETS_MAX_SLICES         most slices in one series of a study (1000)
     BRAINMETS_MAX_UNZIPPED_MB    most bytes a study's zip may inflate to (1024)
     BRAINMETS_THREADS            threads of one inference (0: one per physical core)
-    BRAINMETS_WORKERS            inferences at once; workers x threads should not exceed the cores (1)
+    BRAINMETS_WORKERS            requests worked on at once; workers x threads should not exceed the cores (1);
+                                 OpenVINO's networks still run one at a time (inference.openvino_forward)
     BRAINMETS_QUEUE              requests that may wait for a worker; beyond them: 503 + Retry-After (32)
     BRAINMETS_REQUEST_TIMEOUT_S  longest wait plus run of one slice request before it is answered 503 (60)
     BRAINMETS_VOLUME_TIMEOUT_S   the same for a volume, segmented slice by slice (600)
