@@ -1,10 +1,11 @@
 """Inference speed and agreement of every runtime of the engine, the engine itself and the API, in one run.
 
-    python benchmarks/inference.py [--repeats 20] [--threads 2] [--out docs/performance.md]
+    python benchmarks/inference.py [--repeats 20] [--threads 2] [--out docs/performance.md] [--no-agreement]
 
 For each shipped network and the ensemble: per-slice latency at batch 1 and 16 of PyTorch eager fp32, ONNX
-Runtime fp32, OpenVINO f32 and OpenVINO bf16 (served: bf16 on CPUs with AMX, else f32), timed round-robin so
-every setting sees the same machine load, with the fraction of the CPU's matmul peak; the masks of each runtime
+Runtime fp32, OpenVINO f32 and OpenVINO bf16, timed round-robin so every setting sees the same machine load,
+with the fraction of the CPU's matmul peak; f32 and bf16 side by side with the precision `auto` chose on this
+machine and why (served: what `auto` chose, measured in a cache of its own); the masks of each runtime
 against PyTorch fp32's on every test slice of the reference data, and the per-patient Dice each gives (the
 engine's own post-processing, as `brainmets evaluate`); one patient's stack of 88 slices through `predict_stack`;
 the engine end to end on one slice; `brainmets serve` start-up (first /health, cold and warm compiled-model
@@ -27,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import httpx
@@ -38,7 +40,7 @@ from brainmets.cache import preprocessed
 from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 from brainmets.data import open_dataset
 from brainmets.evaluation import engine_probabilities, report
-from brainmets.inference import Network, Predictor, amx_bf16
+from brainmets.inference import Network, Predictor
 from brainmets.metrics import dice
 from brainmets.preprocessing import normalize
 from brainmets.registry import ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir
@@ -54,7 +56,6 @@ SETTINGS = {  # label -> (runtime, precision)
     "OpenVINO bf16": ("openvino", "bf16"),
 }
 REFERENCE = "PyTorch eager fp32"
-SERVED = "OpenVINO bf16" if amx_bf16() else "OpenVINO f32"  # what BRAINMETS_PRECISION=auto picks
 TARGETS_MS = {"unetpp": 28.0, "attention-unet": 17.0, ENSEMBLE: 45.0}
 
 
@@ -63,6 +64,17 @@ def predictors(name: str, threads: int) -> dict[str, Predictor]:
     post = ensemble_post() if name == ENSEMBLE else None
     return {label: Predictor([Network.load(models_dir() / m / "model.pt", rt, threads, p) for m in members], name, post)
             for label, (rt, p) in SETTINGS.items()}
+
+
+def auto_choice(name: str, threads: int) -> tuple[str, list[str]]:
+    """The setting `BRAINMETS_PRECISION=auto` serves on this machine, and its reasons (one per network), measured
+    in an empty cache as on a first start."""
+    members = SHIPPED if name == ENSEMBLE else (name,)
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"BRAINMETS_CACHE": cache}):
+        networks = [Network.load(models_dir() / m / "model.pt", "openvino", threads, "auto") for m in members]
+    precisions = {n.precision for n in networks}
+    label = f"OpenVINO {precisions.pop()}" if len(precisions) == 1 else "OpenVINO f32"  # mixed: keep the reference
+    return label, [f"{m}: {n.precision_reason}" for m, n in zip(members, networks)]
 
 
 def forward_gflops(name: str, size: int) -> float:
@@ -224,7 +236,7 @@ def model_section(r: dict) -> list[str]:
             t = statistics.median(r["times"][label, b]) / b
             p95 = float(np.percentile(r["times"][label, b], 95)) / b
             peak = PEAK_GFLOPS["bf16" if "bf16" in label else "fp32"]
-            lines.append(f"| {label}{' (served)' if label == SERVED else ''} | {b} | {t * 1000:.1f} | {p95 * 1000:.1f} | {1 / t:.1f} | {base / t:.2f}x | "
+            lines.append(f"| {label}{' (served)' if label == r['served'] else ''} | {b} | {t * 1000:.1f} | {p95 * 1000:.1f} | {1 / t:.1f} | {base / t:.2f}x | "
                          f"{ort / t:.2f}x | {r['gflops'] / t / peak * 100:.0f}% of {peak:g} GFLOP/s |")
     a = r.get("agreement")
     if a:
@@ -233,12 +245,27 @@ def model_section(r: dict) -> list[str]:
                   "| change vs PyTorch fp32 |", "|---|---|---|---|"]
         ref = a[REFERENCE]["dice_per_patient_mean"]
         for label, v in a.items():
-            lines.append(f"| {label}{' (served)' if label == SERVED else ''} | {v['dice_vs_reference']:.4f} | {v['dice_per_patient_mean']:.4f} | "
+            lines.append(f"| {label}{' (served)' if label == r['served'] else ''} | {v['dice_vs_reference']:.4f} | {v['dice_per_patient_mean']:.4f} | "
                          f"{v['dice_per_patient_mean'] - ref:+.4f} |")
     lines += ["", f"Engine, served setting: one uint8 slice end to end (CLAHE, network, resize back, mask, lesions) "
               f"median {ms(r['engine']):.1f} ms (p95 {ms(r['engine'], 95):.1f}); a patient's stack of "
               f"{r['stack_slices']} slices through `predict_stack` (batches of 16, 3-D post-processing) median "
               f"{ms(r['stack']) / 1000:.2f} s.", ""]
+    return lines
+
+
+def precision_section(results: list[dict]) -> list[str]:
+    """f32 and bf16 side by side (medians of the round-robin repeats, so one run's ratio), and what auto chose."""
+    lines = ["## Precision chosen by measurement", "",
+             "OpenVINO f32 and bf16 per slice (median ms), timed in the same round-robin; *auto* is what "
+             "`BRAINMETS_PRECISION=auto` chose on this machine, from its own short measurement at first load "
+             "(2 slices, 3 interleaved rounds, cached), and why.", "",
+             "| network | batch | f32 ms/slice | bf16 ms/slice | f32 / bf16 | auto |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for b in BATCHES:
+            f32, bf16 = (statistics.median(r["times"][f"OpenVINO {p}", b]) / b * 1000 for p in ("f32", "bf16"))
+            lines.append(f"| {r['name']} | {b} | {f32:.1f} | {bf16:.1f} | {f32 / bf16:.2f}x | {r['served'].split()[-1]} |")
+    lines += ["", *[f"- {reason}" for r in results if r["name"] != ENSEMBLE for reason in r["reasons"]], ""]
     return lines
 
 
@@ -251,15 +278,16 @@ def write_report(out: Path, results: list[dict], api: dict | None, start: dict, 
     rows = []
     for name, goal in TARGETS_MS.items():
         if name in by:
-            t = statistics.median(by[name]["times"][SERVED, 1]) * 1000
+            served = by[name]["served"]
+            t = statistics.median(by[name]["times"][served, 1]) * 1000
             ort = statistics.median(by[name]["times"]["ONNX Runtime fp32", 1]) * 1000
-            rows.append((f"{name}, batch 1, network ({SERVED})", f"≤ {goal:g} ms and ≥ 2x ORT fp32", f"{t:.1f} ms, {ort / t:.2f}x",
+            rows.append((f"{name}, batch 1, network ({served})", f"≤ {goal:g} ms and ≥ 2x ORT fp32", f"{t:.1f} ms, {ort / t:.2f}x",
                          check(t <= goal and (name == ENSEMBLE or ort / t >= 2))))
             a = by[name].get("agreement")
             if a:
-                d = a[SERVED]["dice_vs_reference"]
-                change = abs(a[SERVED]["dice_per_patient_mean"] - a[REFERENCE]["dice_per_patient_mean"])
-                rows.append((f"{name}, masks vs PyTorch fp32 ({SERVED})", "Dice ≥ 0.995, per-patient Dice ± 0.005",
+                d = a[served]["dice_vs_reference"]
+                change = abs(a[served]["dice_per_patient_mean"] - a[REFERENCE]["dice_per_patient_mean"])
+                rows.append((f"{name}, masks vs PyTorch fp32 ({served})", "Dice ≥ 0.995, per-patient Dice ± 0.005",
                              f"{d:.4f}, {change:+.4f}", check(d >= 0.995 and change <= 0.005)))
     if ENSEMBLE in by:
         s = ms(by[ENSEMBLE]["stack"]) / 1000
@@ -283,7 +311,7 @@ def write_report(out: Path, results: list[dict], api: dict | None, start: dict, 
              "round-robin repeats. % of peak = achieved GFLOP/s over the 2-thread matmul peak measured on this "
              f"machine: {PEAK_GFLOPS['fp32']:g} GFLOP/s fp32, {PEAK_GFLOPS['bf16']:g} GFLOP/s bf16.", "",
              "## Targets", "", "| target | goal | measured | |", "|---|---|---|---|",
-             *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], ""]
+             *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "", *precision_section(results)]
     for r in results:
         lines += model_section(r)
     if api:
@@ -301,8 +329,8 @@ def write_report(out: Path, results: list[dict], api: dict | None, start: dict, 
               "- *PyTorch eager fp32*: the model as trained, `torch.inference_mode()`: the reference.",
               "- *ONNX Runtime fp32*: the ONNX export in ONNX Runtime's CPU provider, every graph optimisation.",
               "- *OpenVINO*: the same ONNX file compiled by OpenVINO for the CPU, `INFERENCE_PRECISION_HINT` f32 or "
-              f"bf16. *(served)* marks what `BRAINMETS_PRECISION=auto` picks on this CPU ({SERVED}): bf16 only "
-              "with AMX, since on an avx512_bf16 CPU without AMX bf16 measured slower than f32.",
+              "bf16. *(served)* marks what `BRAINMETS_PRECISION=auto` chose on this machine by timing both "
+              "(section *Precision chosen by measurement*).",
               "- Every setting goes through `Predictor.model_probabilities` (ensemble: both networks on the same "
               "preprocessed batch, probabilities averaged).", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -319,6 +347,8 @@ def main() -> None:
                     help="reference data: real slices, and the agreement on every test slice (skipped without it)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md")
     ap.add_argument("--no-server", action="store_true", help="skip the API measurements")
+    ap.add_argument("--no-agreement", action="store_true",
+                    help="skip the masks on every test slice (minutes per network on 2 cores)")
     args = ap.parse_args()
     names = [n for n in SHIPPED if (models_dir() / n / "model.onnx").exists()]
     names += [ENSEMBLE] if len(names) == len(SHIPPED) else []
@@ -328,7 +358,7 @@ def main() -> None:
     arrays = None
     if args.data.is_dir():
         dataset = open_dataset(args.data)
-        arrays = preprocessed(dataset, predictors(names[0], args.threads)[SERVED].preprocess_cfg)
+        arrays = preprocessed(dataset, Predictor.load(names[0], "torch").preprocess_cfg)
         patient = max(split["test"], key=lambda p: len(arrays.rows(p)))
         rows = arrays.rows(patient)
         slices = [dataset.read_image(s) for s in dataset.slices if s.patient == patient]
@@ -342,12 +372,13 @@ def main() -> None:
     results = []
     for name in names:
         print(f"{name}: timing", flush=True)
+        served, reasons = auto_choice(name, args.threads)
         preds = predictors(name, args.threads)
-        r = {"name": name, "threads": args.threads, "gflops": forward_gflops(name, 256),
-             "times": time_round_robin(preds, inputs, args.repeats), "test_patients": len(split["test"]),
-             "engine": engine_latency(preds[SERVED], stack[0], args.repeats), "stack_slices": len(stack),
-             "stack": stack_latency(preds[SERVED], stack, args.repeats)}
-        if arrays is not None:
+        r = {"name": name, "threads": args.threads, "gflops": forward_gflops(name, 256), "served": served,
+             "reasons": reasons, "times": time_round_robin(preds, inputs, args.repeats),
+             "test_patients": len(split["test"]), "engine": engine_latency(preds[served], stack[0], args.repeats),
+             "stack_slices": len(stack), "stack": stack_latency(preds[served], stack, args.repeats)}
+        if arrays is not None and not args.no_agreement:
             print(f"{name}: agreement on the test slices", flush=True)
             r["agreement"] = agreement(preds, arrays, split["test"])
         results.append(r)

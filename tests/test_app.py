@@ -24,7 +24,8 @@ from brainmets.app.client import ApiError, Client
 from brainmets.app.launch import free_port, running
 from brainmets.app.segment import available_modes
 from brainmets.preprocessing import to_uint8_rgb
-from brainmets.readers import ACCEPTED, read_slice, read_volume
+from brainmets.inputs.readers import ACCEPTED, read_slice, read_volume
+from brainmets.inputs.study import study_from_volume
 from samples import brain, dicom, encode, nifti
 
 PAGE = Path(brainmets.app.__file__).with_name("page.py")
@@ -60,28 +61,16 @@ def test_png_bytes_round_trip_in_rgb_order():
     assert (read_slice(images.png_bytes(rgb)).pixels == rgb).all()
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_a_volume_slice_reaches_the_api_as_the_network_would_see_it(channels):
-    rng = np.random.default_rng(1)
-    shape = (30, 40) if channels == 1 else (30, 40, 3)
-    image = (rng.normal(300, 120, shape)).astype(np.float32)
-    sent = read_slice(images.slice_file(image)).pixels
-    if channels == 1:
-        assert sent.dtype == np.float32 and (sent == image).all()  # exact
-    else:  # the per-channel stretch to 16 bits is undone by the 8-bit stretch of preprocessing
-        assert np.abs(to_uint8_rgb(sent).astype(int) - to_uint8_rgb(image)).max() <= 1
-
-
 def test_axial_slices_follow_the_affine():
     data = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)  # voxel axes i, j, k
-    ras = read_volume(nifti(data, np.diag([2.0, 3.0, 4.0, 1.0])))
-    slices, spacing = images.axial_slices(ras)
+    ras = study_from_volume(read_volume(nifti(data, np.diag([2.0, 3.0, 4.0, 1.0]))))
+    slices = [s[..., 1] for s in ras.slices]
     assert len(slices) == 3 and slices[0].shape == (5, 4)  # rows: anterior-posterior, columns: right-left
-    assert spacing == (3.0, 2.0)
+    assert ras.spacing == (4.0, 3.0, 2.0)
+    np.testing.assert_array_equal(slices[0], data[::-1, ::-1, 0].T)  # anterior up, the patient's right on the left
     # the same grid stored left-right and posterior-anterior flipped (LPS, as DICOM) gives the same images
-    lps = read_volume(nifti(data[::-1, ::-1].copy(), np.diag([-2.0, -3.0, 4.0, 1.0])))
-    flipped, _ = images.axial_slices(lps)
-    assert all((a == b).all() for a, b in zip(slices, flipped))
+    lps = study_from_volume(read_volume(nifti(data[::-1, ::-1].copy(), np.diag([-2.0, -3.0, 4.0, 1.0]))))
+    assert all((a[..., 1] == b).all() for a, b in zip(lps.slices, slices))
 
 
 def test_available_modes_follow_the_installed_models():
@@ -117,11 +106,11 @@ def test_volume_slices_through_the_api_match_the_volume_endpoint(api_server):
     file = nifti(data, np.diag([-0.9, -0.9, 3.0, 1.0]) @ np.eye(4)[[1, 0, 2, 3]])  # LPS-like, axes swapped
     client = Client(api_server)
     volume = client.segment_volume(file, "v.nii.gz")
-    mask_slices, _ = images.axial_slices(read_volume(volume.nifti))
-    slices, spacing = images.axial_slices(read_volume(file))
+    study = study_from_volume(read_volume(file))  # the page's slices of a volume: the engine's
+    mask_slices, slices = study.mask_slices(volume.nifti), study.slices
     total = 0
     for k, image in enumerate(slices):
-        answer = client.segment(images.slice_file(image), f"slice{k}.tiff")
+        answer = client.segment(images.png_bytes(image), f"slice{k}.png")
         mask = images.decode_png(base64.b64decode(answer["mask_png"])) > 0
         assert (mask == (mask_slices[k] > 0)).all(), f"slice {k}"
         total += answer["lesion_area_px"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from rich.console import Console
+from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
 
 from brainmets.batch import SUMMARY, find_jobs, mask_path, run_batch
@@ -84,7 +86,7 @@ def test_a_tree_is_mirrored_with_one_summary_row_per_input(tree, tmp_path, pixel
     assert "3 files segmented (6 slices)" in result.output and "slices/s" in result.output
     assert "1 ground-truth masks (*_mask), 1 files of no accepted format" in result.output
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert written == ["p1/a.png", "p1/b.png", "p2/sub/v_mask.nii.gz", SUMMARY]
+    assert written == ["p1/a.png", "p1/b.png", "p2/sub/v_lesions.csv", "p2/sub/v_mask.nii.gz", SUMMARY]
 
     a, b, broken, v = rows(out)
     assert [r["file"] for r in (a, b, broken, v)] == ["p1/a.png", "p1/b.dcm", "p2/broken.png", "p2/sub/v.nii.gz"]
@@ -102,6 +104,8 @@ def test_a_tree_is_mirrored_with_one_summary_row_per_input(tree, tmp_path, pixel
     assert (v["kind"], v["slices"], mask.shape) == ("volume", "4", (64, 64, 4))
     assert int(v["lesion_px"]) == mask.sum() > 0 and int(v["lesions"]) >= 1
     assert float(v["lesion_mm3"]) == pytest.approx(mask.sum() * np.prod(VOXEL), rel=1e-4)
+    lesions = (out / "p2/sub/v_lesions.csv").read_text().splitlines()  # a volume is a study of one file
+    assert lesions[0].startswith("id,voxels,") and len(lesions) == 1 + int(v["lesions"])
 
 
 def identity(path: Path) -> tuple[int, int]:
@@ -221,3 +225,158 @@ def test_two_workers_write_what_one_writes(tree, tiny_run, tmp_path):
         np.testing.assert_array_equal(png(tmp_path / "one" / name), png(tmp_path / "two" / name))
     np.testing.assert_array_equal(volume_mask(tmp_path / "one" / "p2/sub/v_mask.nii.gz"),
                                   volume_mask(tmp_path / "two" / "p2/sub/v_mask.nii.gz"))
+
+
+# --- NIfTI case folders --------------------------------------------------------------------------------------
+
+LESION_MM = np.array([8.0, -5.0, 10.0])  # the phantom lesion's centre in patient (RAS) mm; radius 15 mm
+# sequence -> (head, lesion) intensity: the lesion bright on FLAIR, T1 post-contrast and T2, dark on T1
+CONTRAST = {"t1_pre": (120, 60), "flair": (100, 300), "t1_post": (110, 250), "t2": (90, 250)}
+# sequence -> its own grid, as a real study has: (shape, voxel mm, rotation about x, y, z in degrees)
+GRIDS = {"flair": ((48, 56, 12), (3.5, 3.5, 6.0), (0, 0, 10)),  # oblique axial, thick slices
+         "t1_pre": ((44, 50, 16), (3.8, 3.6, 5.0), (8, 0, -4)),
+         "t1_post": ((40, 40, 36), (4.0, 4.0, 4.5), (0, 90, 0)),  # sagittal 3-D
+         "t2": ((52, 52, 10), (3.2, 3.2, 7.0), (0, 0, 0))}
+CASES = {  # folder -> (case id, file name per sequence and the label file); BraTS 2021 without its T1
+    "brats23/BraTS-MET-00001-000": ("BraTS-MET-00001-000", {
+        "t1_pre": "BraTS-MET-00001-000-t1n.nii.gz", "flair": "BraTS-MET-00001-000-t2f.nii.gz",
+        "t1_post": "BraTS-MET-00001-000-t1c.nii.gz", "t2": "BraTS-MET-00001-000-t2w.nii.gz",
+        "label": "BraTS-MET-00001-000-seg.nii.gz"}),
+    "brats21/BraTS2021_00001": ("BraTS2021_00001", {
+        "flair": "BraTS2021_00001_flair.nii", "t1_post": "BraTS2021_00001_t1ce.nii",
+        "t2": "BraTS2021_00001_t2.nii", "label": "BraTS2021_00001_seg.nii"}),
+    "Dataset001_Mets/imagesTs": ("MET_001", {  # the channel order of dataset.json, not the model's
+        "flair": "MET_001_0000.nii.gz", "t1_pre": "MET_001_0001.nii.gz", "t1_post": "MET_001_0002.nii.gz",
+        "t2": "MET_001_0003.nii.gz"}),
+}
+NNUNET_CHANNELS = {"0": "FLAIR", "1": "T1", "2": "T1Gd", "3": "T2"}
+
+
+def grid(shape: tuple[int, int, int], voxel: tuple[float, float, float], degrees: tuple[float, float, float]):
+    """A voxel -> RAS mm affine of `shape` voxels of `voxel` mm, turned by `degrees`, centred on the origin."""
+    linear = Rotation.from_euler("xyz", degrees, degrees=True).as_matrix() @ np.diag(voxel)
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = linear, -linear @ ((np.array(shape) - 1) / 2)
+    return affine
+
+
+def phantom(sequence: str, label: bool = False) -> bytes:
+    """One sequence of one head on its own grid, an ellipsoid with a 15 mm lesion at LESION_MM, as .nii bytes;
+    `label`: the lesion's mask on FLAIR's grid."""
+    shape, voxel, degrees = GRIDS["flair" if label else sequence]
+    affine = grid(shape, voxel, degrees)
+    ijk = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), axis=-1)
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    head = ((xyz / [60, 75, 50]) ** 2).sum(-1) <= 1
+    lesion = np.linalg.norm(xyz - LESION_MM, axis=-1) <= 15
+    if label:
+        return nifti(lesion.astype(np.uint8), affine, gz=False)
+    inside, bright_spot = CONTRAST[sequence]
+    volume = np.where(lesion, bright_spot, np.where(head, inside, 0)).astype(np.int16)
+    return nifti(volume, affine, gz=False)
+
+
+def write_cases(root: Path) -> Path:
+    """A BraTS 2023 case, a BraTS 2021 one, an nnU-Net dataset (dataset.json above imagesTs/, labelsTs/) and an
+    unrelated volume beside them."""
+    for folder, (case, files) in CASES.items():
+        for sequence, name in files.items():
+            data = phantom("flair", label=True) if sequence == "label" else phantom(sequence)
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            (root / folder / name).write_bytes(data if name.endswith(".nii") else gzip.compress(data))
+    (root / "Dataset001_Mets/labelsTs").mkdir()
+    (root / "Dataset001_Mets/labelsTs/MET_001.nii.gz").write_bytes(gzip.compress(phantom("flair", label=True)))
+    (root / "Dataset001_Mets/dataset.json").write_text(json.dumps(
+        {"channel_names": NNUNET_CHANNELS, "labels": {"background": 0, "metastasis": 1}, "numTraining": 0,
+         "file_ending": ".nii.gz"}))
+    (root / "lone").mkdir()
+    (root / "lone/scan.nii.gz").write_bytes(gzip.compress(phantom("flair")))
+    return root
+
+
+def test_each_nifti_case_is_one_study_its_label_files_passed_over(tmp_path):
+    root = write_cases(tmp_path / "in")
+    jobs, passed = find_jobs([root], tmp_path / "out")
+    nnunet = "Dataset001_Mets/imagesTs"
+    assert [(j.file, j.kind, j.mask, j.error) for j in jobs] == [
+        (f"{nnunet}/MET_001", "study", f"{nnunet}/MET_001_mask.nii.gz", ""),
+        ("brats21/BraTS2021_00001/BraTS2021_00001", "study", "brats21/BraTS2021_00001/BraTS2021_00001_mask.nii.gz", ""),
+        ("brats23/BraTS-MET-00001-000/BraTS-MET-00001-000", "study",
+         "brats23/BraTS-MET-00001-000/BraTS-MET-00001-000_mask.nii.gz", ""),
+        ("lone/scan.nii.gz", "volume", "lone/scan_mask.nii.gz", "")]  # not a case: a study of its own
+    for job, (folder, (_, files)) in zip(jobs, sorted(CASES.items())):
+        images = {f"{folder}/{name}" for sequence, name in files.items() if sequence != "label"}
+        extra = {"Dataset001_Mets/dataset.json"} if folder == nnunet else set()  # the study reader's channel order
+        assert {key for key, _ in job.members} == images | extra and job.channels == ()
+        assert all(key == file for key, file in job.members)  # one folder given: files mirror the keys
+    assert jobs[3].members == (("lone/scan.nii.gz", "lone/scan.nii.gz"),)
+    assert passed == {"label files (segmentation)": 3}
+    zipped, passed = find_jobs([zip_folder(root, tmp_path / "cases.zip")], tmp_path / "out")  # the same in a zip
+    assert [(j.file, j.members) for j in zipped] == [(j.file, j.members) for j in jobs]
+    assert passed == {"label files (segmentation)": 3}
+
+
+def test_an_nnunet_folder_takes_its_channel_order_from_above_or_from_channels(tmp_path):
+    root = write_cases(tmp_path / "in")
+    (job,), _ = find_jobs([root / "Dataset001_Mets/imagesTs"], tmp_path / "out")  # dataset.json above the walk
+    assert (job.file, job.mask) == ("MET_001", "MET_001_mask.nii.gz")
+    assert ("../dataset.json", "../dataset.json") in job.members and job.channels == ()
+
+    (root / "Dataset001_Mets/dataset.json").unlink()
+    (job,), _ = find_jobs([root / "Dataset001_Mets/imagesTs"], tmp_path / "out", ["FLAIR", "T1", "T1Gd", "T2"])
+    assert len(job.members) == 4 and job.channels == ("FLAIR", "T1", "T1Gd", "T2")
+    jobs, _ = find_jobs([root / "Dataset001_Mets/imagesTs"], tmp_path / "out")
+    assert [j.kind for j in jobs] == [""] * 4  # refused, each saying what to give
+    assert all("give a dataset.json" in j.error and "--channels" in j.error for j in jobs)
+
+
+def test_two_files_of_one_sequence_refuse_their_case_naming_both(tmp_path):
+    root = write_cases(tmp_path / "in")
+    folder = root / "brats23/BraTS-MET-00001-000"
+    (folder / "BraTS-MET-00001-000-t2f.nii").write_bytes(phantom("flair"))
+    jobs, _ = find_jobs([root], tmp_path / "out")
+    refused = [j for j in jobs if j.error]
+    assert {j.file for j in refused} == {f"brats23/BraTS-MET-00001-000/{p.name}" for p in folder.iterdir()}
+    flair = "brats23/BraTS-MET-00001-000/BraTS-MET-00001-000-t2f"
+    assert all(f"{flair}.nii and {flair}.nii.gz both claim the flair sequence" in j.error for j in refused)
+    assert sum(j.kind == "study" for j in jobs) == 2  # the other cases go on
+
+
+def test_numbered_slices_named_one_by_one_are_segmented_one_by_one(tmp_path):
+    image, _ = brain(32)
+    for n in (3, 7):
+        (tmp_path / f"a_{n}.jpg").write_bytes(encode(".jpg", image))
+    jobs, _ = find_jobs([tmp_path / "a_3.jpg", tmp_path / "a_7.jpg"], tmp_path / "out")
+    assert [(j.file, j.kind, j.mask) for j in jobs] == [("a_3.jpg", "slice", "a_3.png"),
+                                                        ("a_7.jpg", "slice", "a_7.png")]
+    (study,), _ = find_jobs([tmp_path], tmp_path / "out")  # found in their folder, they are one patient's stack
+    assert study.kind == "study" and len(study.members) == 2
+
+
+def nifti_file(path: Path) -> nib.Nifti1Image:
+    data = path.read_bytes()
+    return nib.Nifti1Image.from_bytes(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+
+
+def test_each_case_gets_one_mask_on_its_flair_grid_and_a_lesion_table(tmp_path, pixelwise):
+    root, out = write_cases(tmp_path / "in"), tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(root), "-m", "bright", "--out", str(out), "--no-progress",
+                                      "--register", "off"])
+    assert result.exit_code == 0, result.output
+    assert "4 files segmented" in result.output and "3 label files (segmentation)" in result.output
+    flairs = {f"{folder}/{case}": root / folder / files["flair"] for folder, (case, files) in CASES.items()}
+    flairs["lone/scan"] = root / "lone/scan.nii.gz"
+    summary = {row["mask"]: row for row in rows(out)}
+    for name, flair_path in flairs.items():
+        flair, mask = nifti_file(flair_path), nifti_file(out / f"{name}_mask.nii.gz")
+        assert mask.shape == flair.shape, name
+        np.testing.assert_allclose(mask.affine, flair.affine, atol=1e-4, err_msg=name)
+        voxels = np.argwhere(np.asanyarray(mask.dataobj) > 0)
+        row = summary[f"{name}_mask.nii.gz"]
+        assert row["status"] == "ok" and int(row["lesion_px"]) == len(voxels) > 0, name
+        centre = nib.affines.apply_affine(mask.affine, voxels).mean(axis=0)
+        assert np.linalg.norm(centre - LESION_MM) < 6.0, name  # the lesion found where the phantom has it
+        assert float(row["lesion_mm3"]) == pytest.approx(4 / 3 * np.pi * 15 ** 3, rel=0.5), name
+        lesions = (out / f"{name}_lesions.csv").read_text().splitlines()
+        assert lesions[0].startswith("id,voxels,") and len(lesions) == 1 + int(row["lesions"]), name
+    assert not list(out.rglob("*seg*")) and not (out / "Dataset001_Mets/labelsTs").exists()

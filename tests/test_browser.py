@@ -122,7 +122,7 @@ def test_a_zipped_study_scrubbed_to_a_lesion_and_its_seg_downloaded(browser, pag
     from dicom_studies import mr_study, to_files, zip_bytes
 
     from brainmets.app.study_view import largest_slice
-    from brainmets.study import study_from_upload
+    from brainmets.inputs.study import study_from_upload
 
     study = mr_study([brain(64, seed=s)[0] for s in range(5)])
     archive = tmp_path / "study.zip"

@@ -193,3 +193,18 @@ def test_train_init_from_a_run_folder(tiny_run, dataset_zip, tmp_path):
                 "--crop", 32, "--image-size", 64, "--init-from", tiny_run, "--no-progress", code=2)
     assert_one_line_error(wrong, "--init-from", "holds attention-unet, not the requested unetpp")
     assert not (tmp_path / "u").exists()
+
+
+def test_evaluate_says_first_which_precision_runs_and_why(models_root, dataset_folder, monkeypatch):
+    monkeypatch.delenv("BRAINMETS_PRECISION", raising=False)
+    result = cli("evaluate", "--data", dataset_folder, "--model", models_root / "attention-unet" / "model.pt",
+                 "--split", "all", "--device", "cpu")
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("evaluating ") and " on openvino " in first, first
+    assert "(measured: " in first or "(CPU has no bf16)" in first, first
+    forced = cli("evaluate", "--data", dataset_folder, "--model", models_root / "attention-unet" / "model.pt",
+                 "--split", "all", "--precision", "f32")
+    assert "on openvino f32 (forced by BRAINMETS_PRECISION / --precision)" in forced.stderr.splitlines()[0]
+    assert_one_line_error(cli("evaluate", "--data", dataset_folder, "--model", "best", "--precision", "fp16", code=2),
+                          "unknown precision 'fp16'", "expected one of auto, bf16, f32")
+

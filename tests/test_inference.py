@@ -15,7 +15,9 @@ from scipy.special import expit, logit
 
 from brainmets.config import PostprocessConfig
 from brainmets.inference import InputError, Network, Predictor, find_lesions
-from brainmets.readers import read_volume
+from brainmets.inputs.readers import read_volume
+from brainmets.inputs.study import study_from_volume
+from brainmets.study_results import segment_study
 from conftest import tiny_config
 from samples import brain, nifti
 
@@ -167,6 +169,11 @@ def test_shipped_names_and_ensemble_resolve_through_the_registry(models_root, mo
         Predictor.load("no-such-model")
 
 
+def predict_volume(predictor: Predictor, volume):
+    """A NIfTI volume through the study path, as every entry point segments one: its mask on the input's grid."""
+    return segment_study(predictor, study_from_volume(volume)).on_grid()
+
+
 @pytest.mark.parametrize("axes", ["RAS", "LPS", "SRA", "PIL"])
 def test_volume_mask_lands_on_the_input_grid(axes):
     """A bright off-centre box in a volume stored in any voxel order comes back where it was."""
@@ -178,7 +185,7 @@ def test_volume_mask_lands_on_the_input_grid(axes):
     assert nib.aff2axcodes(image.affine) == tuple(axes)
     volume = np.asanyarray(image.dataobj)
     truth = (volume > 0).astype(np.uint8)
-    result = Predictor([fake(bright)], "fake").predict_volume(read_volume(nifti(volume, image.affine)))
+    result = predict_volume(Predictor([fake(bright)], "fake"), read_volume(nifti(volume, image.affine)))
     np.testing.assert_array_equal(result.mask, truth)
     assert result.lesion_voxels == 12 * 20 * 2
     assert result.lesion_volume_mm3 == pytest.approx(12 * 20 * 2 * 0.9 * 0.8 * 3.0)
@@ -194,7 +201,7 @@ def test_volume_slices_are_shown_as_in_radiology():
     volume[-8:, -8:, 0] = 1000  # towards the right (x high) and anterior (y high) in RAS
     seen = []
     net = fake(lambda x: seen.append(x[0, 1]) or bright(x))
-    Predictor([net], "fake").predict_volume(read_volume(nifti(volume, np.eye(4))))
+    predict_volume(Predictor([net], "fake"), read_volume(nifti(volume, np.eye(4))))
     rows, cols = np.nonzero(seen[0] > 0.5)
     assert rows.max() < 16 and cols.max() < 16  # top-left corner
 
@@ -226,7 +233,7 @@ def test_predict_command_writes_one_mask_per_input_in_kind(tiny_run, tmp_path):
 def test_three_channel_uint8_volume_gives_a_3d_mask():
     volume = np.zeros((64, 48, 5, 3), np.uint8)
     volume[20:30, 10:20, 1:3, :] = 200
-    result = Predictor([fake(bright)], "fake").predict_volume(read_volume(nifti(volume, np.eye(4))))
+    result = predict_volume(Predictor([fake(bright)], "fake"), read_volume(nifti(volume, np.eye(4))))
     np.testing.assert_array_equal(result.mask, volume[..., 0] > 0)
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from brainmets.readers import (ImageReadError, ImageTooLarge, UnsupportedFormat, decode_image, read_slice,
+from brainmets.inputs.readers import (ImageReadError, ImageTooLarge, UnsupportedFormat, decode_image, read_slice,
                                read_volume, sniff)
 from samples import bomb_png, dicom, encode, nifti, tiff_stack
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from brainmets.cli import app
 from brainmets.data import open_dataset
-from brainmets.readers import decode_image
+from brainmets.inputs.readers import decode_image
 from test_cli import REPORT_KEYS
 
 

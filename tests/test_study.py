@@ -13,7 +13,7 @@ from conftest import synthetic_slice, write_dataset
 from dicom_studies import SEQUENCES, mr_slice, mr_study, to_bytes, to_files, write_files, zip_bytes
 from samples import nifti
 
-from brainmets.study import (CHANNELS, Limits, StudyError, StudyTooLarge, classify, open_study, study_from_datasets,
+from brainmets.inputs.study import (CHANNELS, Limits, StudyError, StudyTooLarge, classify, open_study, study_from_datasets,
                              study_from_files, study_from_upload)
 
 SIZE = 48
@@ -42,8 +42,9 @@ def test_a_dicom_study_is_ordered_along_the_normal_and_its_series_fill_the_chann
     assert [d.SOPInstanceUID for d in s.reference] == [d.SOPInstanceUID for d in study.series["AX T2 FLAIR"]]
     assert {x.used_as for x in s.series} == set(CHANNELS) and s.warnings == [] and s.ignored == []
     # voxel (column, row, slice) -> RAS: LPS origin (-120, -120, -60) becomes (120, 120, -60)
-    np.testing.assert_allclose(s.affine @ [0, 0, 2, 1], [120, 120, -50, 1])
-    np.testing.assert_allclose(np.diag(s.affine)[:3], [-0.9375, -0.9375, 5.0])
+    np.testing.assert_allclose(s.source_affine() @ [0, 0, 2, 1], [120, 120, -50, 1])
+    np.testing.assert_allclose(np.diag(s.source_affine())[:3], [-0.9375, -0.9375, 5.0])
+    assert [c.alignment for c in s.channels] == ["same grid"] * 3 and set(s.seconds) == {"read", "resample", "register"}
 
 
 def test_slices_are_ordered_by_position_not_by_instance_number(slices):
@@ -103,11 +104,15 @@ def test_several_unlabelled_series_ask_which_is_flair(slices):
         study_from_datasets(study.datasets)
 
 
-def test_a_series_off_the_flair_grid_is_replaced_by_flair(slices):
-    study = mr_study(slices[:4], sequences=SEQUENCES[:1])
-    flair = mr_study(slices, sequences=SEQUENCES[1:2])
-    s = study_from_datasets(study.datasets + flair.datasets)
-    assert s.channels[0].how == "filled with FLAIR" and "not on the FLAIR series' grid" in s.warnings[0]
+def test_a_series_covering_part_of_flair_is_resampled_and_flair_fills_the_rest(slices):
+    study = mr_study(slices)
+    study.series["AX T1 SE PRE"] = study.series["AX T1 SE PRE"][:4]  # the two upper slices not acquired
+    s = study_from_datasets(study.datasets, register="off")  # geometry alone: registration has its own tests
+    assert s.channels[0].alignment == "resampled" and s.channels[0].coverage == pytest.approx(4 / 6, abs=0.05)
+    assert "covers 6" in s.warnings[0] and "FLAIR fills the rest of that channel" in s.warnings[0]
+    for k, (got, want) in enumerate(zip(s.slices, slices)):
+        np.testing.assert_array_equal(got[..., 0], want[..., 0] if k < 4 else want[..., 1])
+    assert s.channels[2].alignment == "same grid"
 
 
 def _series(slices, **per_slice):
@@ -223,7 +228,7 @@ def test_a_dicom_folder_and_a_nifti_file_open_as_studies(study, tmp_path):
     path.write_bytes(nifti(np.zeros((20, 24, 3), np.int16), np.diag([0.9, 0.8, 3.0, 1.0])))
     s = open_study(path)
     assert s.kind == "nifti" and s.name == "brain" and len(s.slices) == 3 and s.spacing == pytest.approx((3.0, 0.8, 0.9))
-    assert s.slices[0].shape == (24, 20)
+    assert s.slices[0].shape == (24, 20, 3) and [c.alignment for c in s.channels] == ["filled with FLAIR", "same grid", "filled with FLAIR"]
 
 
 def test_a_file_that_is_no_study_is_refused():
@@ -242,7 +247,7 @@ def test_the_datasets_of_a_pacs_are_read_as_they_come(study):
 def test_mangled_dicom_files_give_a_study_or_a_clear_error(study):
     """Bytes overwritten or cut anywhere in a few files of a study: pydicom parses lazily, so a broken value
     must be caught where the study is read, not surface later as a 500."""
-    from brainmets.readers import ImageReadError
+    from brainmets.inputs.readers import ImageReadError
 
     rng = np.random.default_rng(0)
     files = to_files(study.datasets)

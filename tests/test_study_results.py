@@ -18,7 +18,7 @@ from dicom_studies import SEQUENCES, mr_slice, mr_study, patient_slices, to_byte
 from samples import brain, encode, nifti
 
 from brainmets.inference import Predictor
-from brainmets.study import study_from_datasets, study_from_upload
+from brainmets.inputs.study import study_from_datasets, study_from_upload
 from brainmets.study_results import StudyResult, find_lesions_3d, segment_study
 
 SIZE = 48

@@ -10,7 +10,7 @@ from samples import brain
 from test_app import assert_clean, metrics, start_page
 
 from brainmets.app.client import Client
-from brainmets.study import study_from_upload
+from brainmets.inputs.study import study_from_upload
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,13 @@
 """Segment a folder tree, a Data.zip or a list of files with N processes (`brainmets predict`).
 
     find_jobs  inputs -> one Job per file, its format sniffed from its first bytes and its mask's path
-               mirroring the inputs' tree: <name>.png per slice, <name>_mask.nii.gz per volume; and one
-               Job per study: the DICOM files of one study (one folder, or its series' folders), or one
-               patient's numbered slices in a folder (<patient>_<n>.tif),
-               segmented as one stack into <folder>_mask.nii.gz, <folder>_lesions.csv (3-D lesions),
-               <folder>.seg.dcm (DICOM input) and, for numbered slices, the <name>.png of each slice
+               mirroring the inputs' tree: <name>.png per slice, <name>_mask.nii.gz and <name>_lesions.csv
+               per volume; and one Job per study: the DICOM files of one study (one folder, or its series'
+               folders), one patient's numbered slices in a folder (<patient>_<n>.tif), or one NIfTI case
+               (a sequence per file, named as BraTS or nnU-Net do: brainmets.inputs.cases),
+               segmented as one stack into <folder>_mask.nii.gz (<case>_mask.nii.gz, on the FLAIR file's
+               grid), <folder>_lesions.csv (3-D lesions), <folder>.seg.dcm (DICOM input) and, for numbered
+               slices, the <name>.png of each slice. Volumes and studies go through the one study reader.
     run_batch  the jobs through the inference engine, in this process (1 worker) or in N worker
                processes with a Predictor each; every mask is written atomically, and `summary.csv`
 
@@ -27,10 +29,11 @@ import io
 import functools
 import multiprocessing
 import os
+import posixpath
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
@@ -41,13 +44,14 @@ import pydicom
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from scipy import ndimage
 
 from brainmets.checkpoints import replacing, write_atomic
-from brainmets.data import IMAGE_EXTS, MASK_SUFFIX, SLICE_NUMBER, Source, ignored
+from brainmets.data import IMAGE_EXTS, MASK_SUFFIX, SLICE_NUMBER, DataError, Source, ignored
 from brainmets.inference import Predictor, encode_png
-from brainmets.readers import ACCEPTED, UnsupportedFormat, axial_slices, read_slice, read_volume, sniff
-from brainmets.study import study_from_files
+from brainmets.inputs.cases import (LABEL_FILE, NNUNET, CaseError, CaseFiles, find_cases, is_case_file,
+                                    read_dataset_json)
+from brainmets.inputs.readers import ACCEPTED, UnsupportedFormat, read_slice, sniff
+from brainmets.inputs.study import study_from_files
 from brainmets.study_results import segment_study
 
 SUMMARY = "summary.csv"
@@ -55,6 +59,7 @@ COLUMNS = ("file", "mask", "kind", "slices", "lesions", "lesion_px", "lesion_mm2
            "status", "error")
 SNIFF_BYTES = 1 << 16  # more than any header `sniff` reads, gzip-compressed NIfTI included
 NAME_EXTS = (".nii.gz", ".nii", ".dcm", ".dicom", *IMAGE_EXTS)  # cut from names; other dots are kept (DICOM UIDs)
+DATASET_JSON = "dataset.json"  # nnU-Net's description of a dataset: its channel order
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ class Job:
     kind: str  # 'slice', 'volume' or 'study'; '' when the format is unknown
     mask: str  # the output, relative to --out
     error: str = ""  # why the file is refused without trying: unreadable, no accepted format, a clashing name
-    members: tuple[tuple[str, str], ...] = ()  # a study's files: (key, file) each
+    members: tuple[tuple[str, str], ...] = ()  # a study's or volume's files: (key, file) each
+    channels: tuple[str, ...] = ()  # an nnU-Net case's channel order from --channels (no dataset.json among members)
 
 
 @dataclass
@@ -99,11 +105,15 @@ def _stem(name: str) -> str:
     return name[:len(name) - len(ext)]
 
 
-def find_jobs(inputs: Iterable[Path], out: Path) -> tuple[list[Job], Counter]:
+def find_jobs(inputs: Iterable[Path], out: Path, channels: Sequence[str] | None = None) -> tuple[list[Job], Counter]:
     """The files to segment under folders (at any depth), in zips, or named, and what was passed over.
 
     In folders and zips, the dataset's ground-truth masks (`<name>_mask.<ext>`), hidden files, __MACOSX
-    and files of no accepted format are passed over (counted, not segmented); a named file is always tried.
+    and files of no accepted format are passed over (counted, not segmented), dataset.json files read with
+    their nnU-Net cases; a named file is always tried, and named numbered slices one by one (a gap between
+    them is no gap in a patient's stack). NIfTI case label files (BraTS `-seg`, nnU-Net `labelsTr/`), named
+    or found, are never segmented (counted). `channels` is the nnU-Net channel order of cases with no
+    dataset.json beside them or one level up.
     Mask paths mirror the inputs relative to their common folder, so `--out` must not be that folder.
     """
     inputs, out = [Path(p) for p in inputs], Path(out).resolve()
@@ -124,7 +134,7 @@ def find_jobs(inputs: Iterable[Path], out: Path) -> tuple[list[Job], Counter]:
     if out == base:
         raise ValueError(f"--out {out} is the inputs' own folder: the masks would land among the inputs; "
                          f"choose another folder")
-    jobs, passed, seen = [], Counter(), set()
+    jobs, passed, seen, named_files = [], Counter(), set(), set()
     formats: dict[str, str] = {}  # file -> its sniffed format
     for source_path, anchor, named in anchors:
         source = Source(source_path)
@@ -137,8 +147,12 @@ def find_jobs(inputs: Iterable[Path], out: Path) -> tuple[list[Job], Counter]:
             if file in seen or (outputs and not named and key.startswith(outputs)):
                 continue
             seen.add(file)
-            if not named and _stem(PurePosixPath(key).name).endswith(MASK_SUFFIX):
+            if named:
+                named_files.add(file)
+            elif _stem(PurePosixPath(key).name).endswith(MASK_SUFFIX):
                 passed["ground-truth masks (*_mask)"] += 1
+                continue
+            elif PurePosixPath(key).name == DATASET_JSON:  # read with the nnU-Net cases beside or below it
                 continue
             try:
                 head = _head(source, key)
@@ -154,17 +168,74 @@ def find_jobs(inputs: Iterable[Path], out: Path) -> tuple[list[Job], Counter]:
             except (ValueError, OSError) as e:  # empty or unreadable
                 jobs.append(Job(source_path, key, file, "", "", str(e)))
                 continue
-            jobs.append(Job(source_path, key, file, kind, mask_path(file, kind)))
+            jobs.append(Job(source_path, key, file, kind, mask_path(file, kind),
+                            members=((key, file),) if kind == "volume" else ()))
+    jobs = _cases(jobs, channels, passed)
     if not jobs:
         raise ValueError(f"no slice or volume found in {', '.join(str(p) for p in inputs)}: expected {ACCEPTED}"
                          + (f" (passed over: {_counts(passed)})" if passed else ""))
-    return _refuse_clashes(_studies(jobs, formats, base.name)), passed
+    return _refuse_clashes(_studies(jobs, formats, base.name, named_files)), passed
 
 
-def _studies(jobs: list[Job], formats: dict[str, str], root_name: str) -> list[Job]:
+def _cases(jobs: list[Job], channels: Sequence[str] | None, passed: Counter) -> list[Job]:
+    """One study job, in the place of its first file, per NIfTI case of a folder (a sequence per file, named
+    as BraTS or nnU-Net do); its label files and channels of no sequence read are passed over. A folder
+    whose cases cannot be told (two files of one sequence, nnU-Net names and no channel order) makes each
+    of its case files a job refused with the reason."""
+    folders: dict[tuple[Path, str], list[Job]] = {}  # (source, folder) -> the case files in it, in job order
+    for job in jobs:
+        if job.kind == "volume" and is_case_file(job.key):
+            folders.setdefault((job.source, posixpath.dirname(job.key)), []).append(job)
+    placed: dict[str, Job | None] = {}  # file -> the study in its place, or None where it is dropped
+    for (source_path, folder), group in folders.items():
+        by_key = {job.key: job for job in group}
+        try:
+            cases, ignored_files, dataset_json = _find_cases(_source(source_path), folder, list(by_key), channels)
+        except (CaseError, DataError) as e:
+            placed.update((job.file, replace(job, kind="", mask="", members=(), error=str(e))) for job in group)
+            continue
+        for line in ignored_files:
+            key, why = line.split(": ", 1)
+            placed[by_key[key].file] = None
+            passed["label files (segmentation)" if why == LABEL_FILE else "NIfTI channels of no sequence read"] += 1
+        for case in cases:
+            members = [job for job in group if job.key in case.files.values()]
+            here = posixpath.dirname(members[0].file)
+            file = _join(here, case.case)
+            # The study reader takes the channel order from the dataset.json among its files, else from `channels`.
+            described = dataset_json if case.naming == NNUNET else ""
+            placed.update((job.file, None) for job in members)
+            placed[members[0].file] = Job(
+                source_path, "", file, "study", f"{file}_mask.nii.gz",
+                members=tuple((job.key, job.file) for job in members)
+                + (((_join(folder, described), _join(here, described)),) if described else ()),
+                channels=tuple(channels or ()) if case.naming == NNUNET and not described else ())
+    return [placed.get(job.file, job) for job in jobs if placed.get(job.file, job) is not None]
+
+
+def _find_cases(source: Source, folder: str, keys: list[str],
+                channels: Sequence[str] | None) -> tuple[list[CaseFiles], list[str], str]:
+    """(cases, files passed over, the dataset.json that gave the nnU-Net channel order relative to `folder`
+    or ''). nnU-Net keeps dataset.json in the dataset's folder, its cases in imagesTr/ and imagesTs/ below:
+    it is looked for beside the files and one level up (above a walked folder too: `brainmets predict
+    Dataset001/imagesTs`), and wins over `channels`."""
+    for name in (DATASET_JSON, f"../{DATASET_JSON}"):
+        key = _join(folder, name)
+        if (key in source.keys()) if source.is_zip else (source.path / key).is_file():
+            dataset = read_dataset_json(source.read(key), source.describe(key))
+            return *find_cases(keys, list(dataset["channel_names"].values()), source.describe(key)), name
+    return *find_cases(keys, channels, "--channels"), ""
+
+
+def _join(folder: str, name: str) -> str:
+    """`name` relative to `folder`, both posix and relative ('' for the top): 'a' + '../x' -> 'x'."""
+    return posixpath.normpath(posixpath.join(folder, name))
+
+
+def _studies(jobs: list[Job], formats: dict[str, str], root_name: str, named: set[str]) -> list[Job]:
     """One study job, in the place of its first file, for: the DICOM files of one study (2 or more, one
     StudyInstanceUID, in one folder or in its series' sibling folders), or 2 or more numbered slices of one
-    patient in one folder (`<patient>_<n>.<ext>`)."""
+    patient in one folder (`<patient>_<n>.<ext>`), found there, not named one by one."""
     groups: dict[tuple, list[Job]] = {}  # (source, study UID or patient, patient's folder) -> its files
     for job in jobs:
         if job.kind != "slice" or job.error:
@@ -173,7 +244,7 @@ def _studies(jobs: list[Job], formats: dict[str, str], root_name: str) -> list[J
         if formats[job.file].startswith("dicom"):
             uid = formats[job.file].partition(":")[2]
             groups.setdefault((job.source, uid or folder, ""), []).append(job)
-        elif SLICE_NUMBER.search(_stem(job.file)):
+        elif SLICE_NUMBER.search(_stem(job.file)) and job.file not in named:
             patient = SLICE_NUMBER.sub("", _stem(PurePosixPath(job.file).name))
             groups.setdefault((job.source, patient, folder), []).append(job)
     named = {}
@@ -221,10 +292,12 @@ def _refuse_clashes(jobs: list[Job]) -> list[Job]:
 
 
 def run_batch(jobs: list[Job], out: Path, model: str, workers: int = 1, tta: bool = False, runtime: str = "auto",
-              progress: bool = True, console: Console | None = None, lesion_mode: str | None = None) -> Summary:
+              progress: bool = True, console: Console | None = None, lesion_mode: str | None = None,
+              register: str = "auto") -> Summary:
     """Segment the jobs not done yet into `out`; write `out/summary.csv`. `workers` 1 runs in this process
     with the runtime's default threads; N > 1 starts N processes with cores/N threads each. `lesion_mode`
-    overrides the model's for studies and volumes."""
+    overrides the model's for studies and volumes; `register` (auto, on, off) is the study reader's rigid
+    registration of each sequence onto FLAIR."""
     console = console or Console(stderr=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +336,7 @@ def run_batch(jobs: list[Job], out: Path, model: str, workers: int = 1, tta: boo
             log.writeheader()
         task = bar.add_task("", total=len(todo), info="")
         for i, row in _segment_all([(i, jobs[i]) for i in todo], out, model, predictor, workers, threads,
-                                   runtime, tta, lesion_mode):
+                                   runtime, tta, lesion_mode, register):
             rows[i] = row
             log.writerow(row)
             f.flush()
@@ -281,18 +354,19 @@ def run_batch(jobs: list[Job], out: Path, model: str, workers: int = 1, tta: boo
 
 
 def _segment_all(jobs: list[tuple[int, Job]], out: Path, model: str, predictor: Predictor | None, workers: int,
-                 threads: int, runtime: str, tta: bool, lesion_mode: str | None = None) -> Iterator[tuple[int, dict]]:
+                 threads: int, runtime: str, tta: bool, lesion_mode: str | None = None,
+                 register: str = "auto") -> Iterator[tuple[int, dict]]:
     """(index, row) pairs as the files finish: in this process with `predictor`, or in `workers` processes."""
     if workers == 1:
         for i, job in jobs:
-            yield i, segment(predictor, job, out, tta)
+            yield i, segment(predictor, job, out, tta, register)
         return
     # spawn, not fork: a forked copy of a process that has run OpenMP threads can deadlock in them.
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, context, initializer=_start_worker,
                                initargs=(model, runtime, threads, lesion_mode))
     try:
-        futures = {pool.submit(_segment_in_worker, job, out, tta): i for i, job in jobs}
+        futures = {pool.submit(_segment_in_worker, job, out, tta, register): i for i, job in jobs}
         for future in as_completed(futures):
             yield futures[future], future.result()
     except BrokenProcessPool as e:
@@ -310,30 +384,22 @@ def _start_worker(model: str, runtime: str, threads: int, lesion_mode: str | Non
     _worker_predictor = Predictor.load(model, runtime, threads, lesion_mode=lesion_mode)
 
 
-def _segment_in_worker(job: Job, out: Path, tta: bool) -> dict:
-    return segment(_worker_predictor, job, out, tta)
+def _segment_in_worker(job: Job, out: Path, tta: bool, register: str) -> dict:
+    return segment(_worker_predictor, job, out, tta, register)
 
 
-def segment(predictor: Predictor, job: Job, out: Path, tta: bool = False) -> dict:
+def segment(predictor: Predictor, job: Job, out: Path, tta: bool = False, register: str = "auto") -> dict:
     """One file through the engine, its mask written atomically: its summary row. A failure becomes the
     row's error; it never stops the batch."""
     row = _row(job, status="ok")
     try:
-        data = _source(job.source).read(job.key) if job.key else b""
-        if job.kind == "study":
-            result = _segment_study(predictor, job, out, tta)
+        if job.kind in ("study", "volume"):  # a volume is a study of one file: one reader, one lesion table
+            result = _segment_study(predictor, job, out, tta, register)
             row.update(slices=len(result.study.slices), lesions=len(result.lesions), lesion_px=result.lesion_voxels,
                        lesion_mm3="" if result.lesion_volume_mm3 is None else round(result.lesion_volume_mm3, 3))
             payload = result.nifti_gz()
-        elif job.kind == "volume":
-            volume = read_volume(data)
-            result = predictor.predict_volume(volume, tta)
-            _, lesions = ndimage.label(result.mask, np.ones((3, 3, 3)))  # 26-connected: 8-connected in 3-D
-            row.update(slices=len(axial_slices(volume)[0]), lesions=lesions, lesion_px=result.lesion_voxels,
-                       lesion_mm3=round(result.lesion_volume_mm3, 3))
-            payload = result.nifti_gz()
         else:
-            image = read_slice(data)
+            image = read_slice(_source(job.source).read(job.key))
             result = predictor.predict(image.pixels, image.spacing, tta)
             mm2 = result.lesion_area_mm2
             row.update(slices=1, lesions=len(result.lesions), lesion_px=result.lesion_area_px,
@@ -348,18 +414,21 @@ def segment(predictor: Predictor, job: Job, out: Path, tta: bool = False) -> dic
     return row
 
 
-def _segment_study(predictor: Predictor, job: Job, out: Path, tta: bool):
-    """A study in one engine call; its lesion table, its SEG (DICOM input) and each numbered slice's mask are
-    written here, the NIfTI mask by the caller, last, as the mark of a finished study."""
+def _segment_study(predictor: Predictor, job: Job, out: Path, tta: bool, register: str = "auto"):
+    """A study or volume in one engine call; its lesion table, its SEG (DICOM input) and each numbered slice's
+    mask are written here, the NIfTI mask by the caller, last, as the mark of a finished study."""
     source = _source(job.source)
-    study = study_from_files(((key, source.read(key)) for key, _ in job.members), name=job.file)
+    study = study_from_files(((key, source.read(key)) for key, _ in job.members), name=job.file,
+                             register=register, channel_names=job.channels or None)
     result = segment_study(predictor, study, tta)
-    write_atomic(out / f"{job.file}_lesions.csv", result.lesions_csv())
+    stem = job.mask.removesuffix("_mask.nii.gz")  # a study's <folder> or <case>, a volume's <name>
+    write_atomic(out / f"{stem}_lesions.csv", result.lesions_csv())
     if study.kind == "dicom":
-        write_atomic(out / f"{job.file}.seg.dcm", result.dicom_seg())
-    file_of = dict(job.members)
-    for key, mask in zip(study.files, result.mask):
-        write_atomic(out / mask_path(file_of[key], "slice"), encode_png(mask.astype(np.uint8) * 255))
+        write_atomic(out / f"{stem}.seg.dcm", result.dicom_seg())
+    if study.kind == "slices":
+        file_of = dict(job.members)
+        for key, mask in zip(study.files, result.mask):
+            write_atomic(out / mask_path(file_of[key], "slice"), encode_png(mask.astype(np.uint8) * 255))
     return result
 
 

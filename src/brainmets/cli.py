@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from brainmets.config import LESION_MODES, MODEL_NAMES, PreprocessConfig, TrainConfig, make_config
+from brainmets.inputs.align import REGISTER
 from brainmets.registry import CHOICES, SHIPPED
 
 app = typer.Typer(help="Brain lesion segmentation in MRI slices: split, train, evaluate, predict, serve.",
@@ -27,6 +28,27 @@ DataOpt = Annotated[Path, typer.Option("--data", "-d", help="The Data.zip or a f
 ModelName = Enum("ModelName", [(name, name) for name in MODEL_NAMES], type=str)
 MODEL_HELP = f"{', '.join(CHOICES)}, a .pt checkpoint or a run folder."
 LesionMode = Enum("LesionMode", [(mode, mode) for mode in LESION_MODES], type=str)
+Register = Enum("Register", [(setting, setting) for setting in REGISTER], type=str)
+RegisterOpt = Annotated[Register, typer.Option(help="Rigid registration of each sequence onto FLAIR (patient motion): auto registers every series off FLAIR's grid and keeps it only where it improves the similarity; on: every series; off: the headers' geometry alone.")]
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto (a CUDA GPU where PyTorch sees one, else the CPU), cpu or cuda; default: $BRAINMETS_DEVICE, else auto.")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto (whichever of f32 and bf16 measured faster on this machine, f32 where bf16's masks disagree), bf16 or f32; default: $BRAINMETS_PRECISION, else auto.")]
+
+
+def engines(predictor) -> str:
+    """Which runtime and precision each network runs, and why: said before the work starts."""
+    return "; ".join(n.summary for n in predictor.networks)
+
+
+def device_for_this_process(device: str | None) -> None:
+    """Checks --device now (an unknown value, or cuda without a GPU, is an error before any work) and hands it
+    to the engine through $BRAINMETS_DEVICE: the API server and batch worker processes read it there."""
+    from brainmets.inference import DEVICE_ENV, pick_device
+
+    if device:
+        pick_device(device)
+        os.environ[DEVICE_ENV] = device
 
 
 class Recipe(str, Enum):
@@ -153,7 +175,8 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="Write the report (JSON) here.")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Probability threshold (default: the model's).")] = None,
     runtime: Annotated[str, typer.Option(help="auto (OpenVINO where exported, as served), openvino, onnxruntime or torch.")] = "auto",
-    precision: Annotated[str, typer.Option(help="OpenVINO precision: auto (bf16 where the CPU has it, as served), bf16 or f32.")] = "auto",
+    precision: PrecisionOpt = None,
+    device: DeviceOpt = None,
     flair_only: Annotated[bool, typer.Option(help="Feed FLAIR in all three channels, as for a study without T1 series.")] = False,
     lesion_mode: Annotated[Optional[LesionMode], typer.Option(help="single: keep each patient's strongest 3-D lesion; multiple: every one (default: the model's, chosen on validation).")] = None,
 ) -> None:
@@ -163,7 +186,9 @@ def evaluate(
     from brainmets.inference import Predictor
     from brainmets.checkpoints import load_checkpoint
 
-    predictor = Predictor.load(model, runtime, precision=precision, lesion_mode=lesion_mode and lesion_mode.value)
+    predictor = Predictor.load(model, runtime, precision=precision, lesion_mode=lesion_mode and lesion_mode.value,
+                               device=device)
+    console.print(f"evaluating {predictor.name} on {engines(predictor)}", soft_wrap=True)
     if threshold is not None:
         predictor.post = dataclasses.replace(predictor.post, threshold=threshold)
     path = predictor.networks[0].checkpoint
@@ -201,21 +226,25 @@ def _print_report(r: dict) -> None:
 @app.command()
 @friendly_errors
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Folders (walked at any depth), Data.zip archives or files: slices (PNG, JPEG, TIFF, WebP, DICOM) and NIfTI volumes (.nii, .nii.gz), told apart by their content. In folders, <name>_mask.<ext> ground truth is passed over.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Folders (walked at any depth), Data.zip archives or files: slices (PNG, JPEG, TIFF, WebP, DICOM) and NIfTI volumes (.nii, .nii.gz), told apart by their content; NIfTI case folders, a sequence per file, named as BraTS (<case>-t2f, <case>_flair, ...) or nnU-Net (<CASE>_0000, ...) do. In folders, <name>_mask.<ext> ground truth is passed over; case label files (-seg, _seg, labelsTr/) are never segmented.")],
     model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)] = "best",
-    out: Annotated[Path, typer.Option(help="Folder for the masks, mirroring the inputs' tree: <name>.png (0/255, the input's size) per slice, <name>_mask.nii.gz (the input's grid) per volume; per study (the DICOM files of one study, in one folder or one per series; one patient's numbered slices <patient>_<n>.tif in a folder) <folder>_mask.nii.gz, <folder>_lesions.csv (3-D lesions) and <folder>.seg.dcm (DICOM input); and summary.csv.")] = Path("predictions"),
+    out: Annotated[Path, typer.Option(help="Folder for the masks, mirroring the inputs' tree: <name>.png (0/255, the input's size) per slice, <name>_mask.nii.gz (the input's grid) and <name>_lesions.csv per volume; per study (the DICOM files of one study, in one folder or one per series; one patient's numbered slices <patient>_<n>.tif in a folder; a NIfTI case, named <case>) <folder>_mask.nii.gz (on the FLAIR file's grid for a case), <folder>_lesions.csv (3-D lesions) and <folder>.seg.dcm (DICOM input); and summary.csv.")] = Path("predictions"),
     workers: Annotated[int, typer.Option(min=1, help="Processes, each with its own model and cores/N threads; 1 runs in this process with every core.")] = 1,
     tta: Annotated[bool, typer.Option(help="Average over horizontal and vertical flips (3x the time).")] = False,
     lesion_mode: Annotated[Optional[LesionMode], typer.Option(help="Studies and volumes: single keeps the strongest 3-D lesion, multiple every one (default: the model's, chosen on validation).")] = None,
+    register: RegisterOpt = Register.auto,
+    channels: Annotated[Optional[str], typer.Option(help="nnU-Net case folders with no dataset.json beside them or one level up: the channel order of <CASE>_0000, _0001, ..., comma-separated, e.g. FLAIR,T1,T1Gd,T2.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    device: DeviceOpt = None,
 ) -> None:
     """Segment slices, volumes and studies with the inference engine of the API: one mask per input, a CSV
     summary (one row per file or study), throughput. Run it again to continue: files with a mask and an ok row in summary.csv are skipped."""
     from brainmets.batch import SUMMARY, find_jobs, report, run_batch
 
-    jobs, passed = find_jobs(inputs, out)
+    device_for_this_process(device)
+    jobs, passed = find_jobs(inputs, out, channels and [name.strip() for name in channels.split(",")])
     summary = run_batch(jobs, out, model, workers, tta, progress=progress, console=console,
-                        lesion_mode=lesion_mode and lesion_mode.value)
+                        lesion_mode=lesion_mode and lesion_mode.value, register=register.value)
     for line in report(summary, passed, out):
         console.print(escape(line), soft_wrap=True)
     if summary.failed:
@@ -242,14 +271,18 @@ def select(
 
 
 @app.command()
+@friendly_errors
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; loopback by default (0.0.0.0 opens the API to the network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    device: DeviceOpt = None,
 ) -> None:
     """Serve the HTTP API (docs at /docs). Settings come from BRAINMETS_* environment variables: models
-    folder, upload limit, threads, workers, queue, CORS origins (see brainmets/api/settings.py)."""
+    folder, upload limit, threads, workers, queue, CORS origins, precision (see brainmets/api/settings.py);
+    /v1/models says which runtime and precision each model runs, and why."""
     import uvicorn
 
+    device_for_this_process(device)
     # No `server: uvicorn` header: responses say nothing about the software behind them. h11, not httptools:
     # httptools buffers request headers without limit (200 MB of headers cost the server 200 MB), h11 refuses
     # past 16 KB; parsing is microseconds against an inference's tens of milliseconds.
@@ -370,6 +403,14 @@ UrlOpt = Annotated[Optional[str], typer.Option("--url", help="DICOMweb base URL,
 PacsModelOpt = Annotated[str, typer.Option("--model", "-m", help="unetpp, attention-unet, best, ensemble, a .pt checkpoint or a run folder.")]
 
 
+def _pacs_predictor(model: str, device: str | None):
+    from brainmets.inference import Predictor
+
+    predictor = Predictor.load(model, device=device)
+    console.print(f"{predictor.name} on {engines(predictor)}", soft_wrap=True)
+    return predictor
+
+
 def _lesion_table(done) -> None:
     from rich.table import Table
 
@@ -412,18 +453,18 @@ def pacs_list(url: UrlOpt = None) -> None:
 @friendly_errors
 def pacs_segment(
     studies: Annotated[list[str], typer.Argument(help="StudyInstanceUIDs, as `brainmets pacs list` shows them.")],
-    url: UrlOpt = None, model: PacsModelOpt = "best",
+    url: UrlOpt = None, model: PacsModelOpt = "best", device: DeviceOpt = None, register: RegisterOpt = Register.auto,
 ) -> None:
     """Fetch each study's MR series (WADO-RS), segment them as one study, store the DICOM SEG (STOW-RS)."""
     from brainmets.dicomweb import Pacs
-    from brainmets.inference import Predictor
     from brainmets.pacs import model_version, segment_in_pacs
 
-    pacs, predictor = Pacs(url), Predictor.load(model)
+    pacs, predictor = Pacs(url), _pacs_predictor(model, device)
     version = model_version(predictor)
     for uid in studies:
         with console.status(f"study {uid}") as status:
-            done = segment_in_pacs(pacs, predictor, uid, version, progress=lambda step: status.update(f"study {uid}: {step}"))
+            done = segment_in_pacs(pacs, predictor, uid, version, progress=lambda step: status.update(f"study {uid}: {step}"),
+                                   register=register.value)
         _lesion_table(done)
 
 
@@ -434,15 +475,15 @@ def pacs_watch(
     interval: Annotated[float, typer.Option(min=0.1, help="Seconds between polls of the server.")] = 10.0,
     once: Annotated[bool, typer.Option(help="Segment what is there now, then stop (e.g. from cron).")] = False,
     state: Annotated[Optional[Path], typer.Option(help="State file (the studies that failed); default: ~/.cache/brainmets/pacs-watch.json.")] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Segment every study without a SEG of this model version, each once; Ctrl-C stops. Safe to stop or kill
     and start again: the server says which studies are done, and a SEG stored twice is kept once."""
     from brainmets.cache import cache_root
     from brainmets.dicomweb import Pacs
-    from brainmets.inference import Predictor
     from brainmets.pacs import model_version, watch
 
-    pacs, predictor = Pacs(url), Predictor.load(model)
+    pacs, predictor = Pacs(url), _pacs_predictor(model, device)
     console.print(f"watching {pacs.url} with {model_version(predictor)}" + ("" if once else f", every {interval:g} s"))
     try:
         summary = watch(pacs, predictor, state or cache_root() / "pacs-watch.json", interval, once,

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from brainmets.readers import ImageReadError, decode_image
+from brainmets.inputs.readers import ImageReadError, decode_image
 
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".webp", ".jpg", ".jpeg")
 LOSSY_EXTS = (".jpg", ".jpeg")

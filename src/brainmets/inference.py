@@ -1,8 +1,9 @@
 """The inference engine: a model loaded once that turns slices, stacks and volumes of any size into lesion masks.
 
-    Network    one trained model: preprocessed batches (B, 3, S, S) -> logits. OpenVINO (bf16 on CPUs with
-               AMX, else f32) or ONNX Runtime on the `<checkpoint>.onnx` exported from this very checkpoint
-               (`brainmets export`), else PyTorch
+    Network    one trained model: preprocessed batches (B, 3, S, S) -> logits. On the CPU, OpenVINO (f32 or
+               bf16, whichever measured faster on this machine: `brainmets.precision`) or ONNX Runtime on the
+               `<checkpoint>.onnx` exported from this very checkpoint (`brainmets export`), else PyTorch; on a
+               CUDA GPU, PyTorch with bf16 autocast
     Predictor  one network, or `ensemble` averaging both shipped ones; image -> probability, mask, lesions
 
 Each slice goes through exactly the training preprocessing (`preprocess`, at the model's input size), once
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,14 +34,15 @@ from scipy.special import expit
 from brainmets.checkpoints import load_hashed_checkpoint, model_from_checkpoint
 from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.postprocessing import mask_slice, mask_stack
+from brainmets.precision import choose, recorded_agreement, requested_precision, speed
 from brainmets.preprocessing import preprocess
-from brainmets.readers import Volume, axial_slices, stack_axial
 from brainmets.registry import BEST, ENSEMBLE, SHIPPED, best_name, ensemble_post, resolve, tuned_post
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
-PRECISIONS = ("auto", "bf16", "f32")  # OpenVINO's inference precision; auto: bf16 on AMX CPUs, else f32
+DEVICES = ("auto", "cpu", "cuda")  # auto: a CUDA GPU where PyTorch sees one, else the CPU
+DEVICE_ENV = "BRAINMETS_DEVICE"
 BATCH = 16  # slices per forward pass (x3 with TTA): fewer calls for stacks, ~100 MB of activations at 256²
 ONNX_SHA_KEY = "checkpoint_sha256"  # ONNX metadata: the checkpoint the file was exported from
 
@@ -71,30 +74,50 @@ def onnx_session(path: Path, threads: int = 0, spinning: bool = False):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def amx_bf16() -> bool:
-    """Whether the CPU has AMX tiles for bf16 (Linux reports it in /proc/cpuinfo)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and " amx_bf16" in cpuinfo.read_text()
+def pick_device(device: str | None = None, runtime: str = "auto") -> str:
+    """'cpu' or 'cuda' for `device` (else $BRAINMETS_DEVICE, else auto). auto takes a CUDA GPU where PyTorch sees
+    one and the runtime may be PyTorch; an unknown value, or cuda without a GPU, is an error at once."""
+    device = device or os.environ.get(DEVICE_ENV) or "auto"
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r} (--device or {DEVICE_ENV}); expected one of {', '.join(DEVICES)}")
+    gpu = torch.cuda.is_available()
+    if device == "cuda" and not gpu:
+        raise ValueError(f"device cuda asked (--device or {DEVICE_ENV}), but PyTorch sees no CUDA GPU here; "
+                         f"use cpu or auto")
+    if device == "cuda" and runtime not in ("auto", "torch"):
+        raise ValueError(f"runtime {runtime} runs on the CPU; on a GPU the engine runs PyTorch (runtime auto or torch)")
+    return "cuda" if device == "cuda" or device == "auto" and gpu and runtime in ("auto", "torch") else "cpu"
 
 
-def openvino_model(path: Path, threads: int = 0, precision: str = "auto"):
-    """The ONNX file compiled by OpenVINO for the CPU, with the inference precision it runs ('bf16' or 'f32').
+def openvino_model(path: Path, size: int, sha256: str, threads: int = 0, precision: str = "auto",
+                   agreement: float | None = None):
+    """The ONNX file compiled by OpenVINO for the CPU: (compiled model, precision it runs, why that one).
 
-    `auto` is bf16 only on CPUs with AMX. OpenVINO's own default is bf16 wherever avx512_bf16 exists, but on our
-    avx512_bf16 CPU without AMX bf16 measured 1.2-1.45x slower than f32 (docs/performance.md). Compiled models
-    are cached under `$BRAINMETS_CACHE/openvino`, so a second start skips compilation."""
+    `auto` runs whichever of f32 and bf16 measured faster here (`brainmets.precision`): OpenVINO's own default
+    is bf16 wherever the CPU has it, which measured 1.2-1.45x slower than f32 on one avx512_bf16 CPU and 1.66-1.84x
+    faster on another. Compiled models are cached under `$BRAINMETS_CACHE/openvino`, so a second start skips
+    compilation, and the measurement is cached beside them."""
     import openvino as ov
 
     from brainmets.cache import cache_root
 
     core = ov.Core()
     core.set_property({"CACHE_DIR": str(cache_root() / "openvino")})
-    hint = precision if precision != "auto" else "bf16" if amx_bf16() else "f32"
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = core.compile_model(str(path), "CPU", config)
-    return compiled, compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    compiled: dict[str, object] = {}
+
+    def compile_as(hint: str):
+        if hint not in compiled:
+            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+            compiled[hint] = core.compile_model(str(path), "CPU", config)
+        return compiled[hint]
+
+    cpu_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    choice = choose(precision, agreement, cpu_bf16, lambda: speed(
+        sha256, threads, lambda: {p: openvino_forward(compile_as(p)) for p in ("f32", "bf16")}, size))
+    model = compile_as(choice.precision)
+    return model, model.get_property("INFERENCE_PRECISION_HINT").get_type_name(), choice.reason
 
 
 # OpenVINO 2026.4 can deadlock when two threads infer at once, each with its own request: the API's start-up
@@ -114,27 +137,50 @@ def openvino_forward(compiled) -> Callable[[np.ndarray], np.ndarray]:
     return forward
 
 
+def torch_forward(model: torch.nn.Module, device: str, bf16: bool) -> Callable[[np.ndarray], np.ndarray]:
+    model = model.to(device).eval()
+
+    @torch.inference_mode()
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.autocast(device, torch.bfloat16, enabled=bf16):
+            return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+
+    return forward
+
+
 class Network:
     """One trained model, loaded once: float32 (B, 3, S, S) in [0, 1] -> logits (B, 1, S, S)."""
 
     def __init__(self, cfg: TrainConfig, checkpoint: Path, forward: Callable[[np.ndarray], np.ndarray],
-                 runtime: str, precision: str = "f32"):
+                 runtime: str, precision: str = "f32", precision_reason: str = "the runtime runs f32"):
         self.cfg, self.checkpoint, self.forward = cfg, checkpoint, forward
-        self.runtime, self.precision = runtime, precision
+        self.runtime, self.precision, self.precision_reason = runtime, precision, precision_reason
+
+    @property
+    def summary(self) -> str:
+        """What runs and why, in a few words: 'openvino bf16 (measured: bf16 1.70x faster than f32 on ...)'."""
+        return f"{self.runtime} {self.precision} ({self.precision_reason})"
 
     @classmethod
-    def load(cls, checkpoint: Path, runtime: str = "auto", threads: int = 0, precision: str = "auto") -> Network:
+    def load(cls, checkpoint: Path, runtime: str = "auto", threads: int = 0, precision: str | None = None,
+             device: str | None = None) -> Network:
         """`runtime`: 'openvino' and 'onnxruntime' need `<checkpoint>.onnx` exported from this very checkpoint;
         'auto' is OpenVINO when it is there and PyTorch otherwise. `threads` 0: the runtime's default.
-        `precision` applies to OpenVINO; the others run float32."""
+        `precision` (None: $BRAINMETS_PRECISION, else auto) applies to OpenVINO and to a GPU's autocast; ONNX
+        Runtime and PyTorch on the CPU run float32. `device` (None: $BRAINMETS_DEVICE, else auto): `pick_device`;
+        on a GPU the runtime is reported as 'torch-cuda'."""
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        precision, device = requested_precision(precision), pick_device(device, runtime)
         checkpoint = Path(checkpoint)
         ckpt, sha256 = load_hashed_checkpoint(checkpoint)
         cfg = TrainConfig.from_dict(ckpt["config"])
         onnx_path = checkpoint.with_suffix(".onnx")
+        if device == "cuda":
+            model, cfg = model_from_checkpoint(ckpt)
+            choice = choose(precision, recorded_agreement(checkpoint, sha256), bf16=True)
+            return cls(cfg, checkpoint, torch_forward(model, device, choice.precision == "bf16"), "torch-cuda",
+                       choice.precision, f"{choice.reason}, on {torch.cuda.get_device_name()}")
         if runtime != "torch":
             if not onnx_path.exists():
                 if runtime != "auto":
@@ -146,19 +192,17 @@ class Network:
                 log.warning("%s is stale (not exported from %s); using PyTorch", onnx_path, checkpoint)
             elif runtime == "onnxruntime":
                 session = onnx_session(onnx_path, threads)
-                return cls(cfg, checkpoint, lambda x: session.run(None, {"image": x})[0], "onnxruntime")
+                return cls(cfg, checkpoint, lambda x: session.run(None, {"image": x})[0], "onnxruntime",
+                           precision_reason="ONNX Runtime runs f32")
             else:
-                compiled, used = openvino_model(onnx_path, threads, precision)
-                return cls(cfg, checkpoint, openvino_forward(compiled), "openvino", used)
+                compiled, used, reason = openvino_model(onnx_path, cfg.preprocess.image_size, sha256, threads,
+                                                        precision, recorded_agreement(checkpoint, sha256))
+                return cls(cfg, checkpoint, openvino_forward(compiled), "openvino", used, reason)
         model, cfg = model_from_checkpoint(ckpt)
         if threads:
             torch.set_num_threads(threads)
-
-        @torch.inference_mode()
-        def forward(x: np.ndarray) -> np.ndarray:
-            return model(torch.from_numpy(x)).numpy()
-
-        return cls(cfg, checkpoint, forward, "torch")
+        return cls(cfg, checkpoint, torch_forward(model, "cpu", bf16=False), "torch",
+                   precision_reason="PyTorch on the CPU runs f32")
 
     def warm_up(self) -> None:
         """One forward pass, so kernel selection and allocations are not paid by the first request."""
@@ -271,17 +315,17 @@ class Predictor:
         self.post = post or (networks[0].cfg.post if len(networks) == 1 else mean_post([n.cfg.post for n in networks]))
 
     @classmethod
-    def load(cls, name_or_path: str | Path, runtime: str = "auto", threads: int = 0, precision: str = "auto",
-             lesion_mode: str | None = None) -> Predictor:
+    def load(cls, name_or_path: str | Path, runtime: str = "auto", threads: int = 0, precision: str | None = None,
+             lesion_mode: str | None = None, device: str | None = None) -> Predictor:
         """`ensemble`, a shipped name (`unetpp`, `attention-unet`, `best`), a checkpoint or a run folder,
         all through `brainmets.registry`. `lesion_mode` ('single' or 'multiple') overrides the model's own, with
         the settings validation chose for that mode where they are known."""
         name = best_name() if str(name_or_path) == BEST else str(name_or_path)
         if name == ENSEMBLE:
-            predictor = cls([Network.load(resolve(n), runtime, threads, precision) for n in SHIPPED], name,
+            predictor = cls([Network.load(resolve(n), runtime, threads, precision, device) for n in SHIPPED], name,
                             ensemble_post())
         else:
-            predictor = cls([Network.load(resolve(name), runtime, threads, precision)], name)
+            predictor = cls([Network.load(resolve(name), runtime, threads, precision, device)], name)
         predictor.use_lesion_mode(lesion_mode)
         return predictor
 
@@ -348,15 +392,6 @@ class Predictor:
 
     def mask_stack(self, probability: np.ndarray) -> np.ndarray:
         return mask_stack(probability, self.post, self.scale(probability.shape))
-
-    def predict_volume(self, volume: Volume, tta: bool = False) -> VolumePrediction:
-        """Along the axis nearest the patient's inferior-superior axis, each slice shown to the network as the
-        training slices were (radiological view, anterior up, patient's right on the left), then the 3-D rule."""
-        t0 = time.perf_counter()
-        slices, _ = axial_slices(volume)
-        stack = self.predict_stack(slices, tta)
-        mask = stack_axial(list(stack.mask.astype(np.uint8)), volume)
-        return VolumePrediction(mask, volume.voxel_mm3, volume.affine, volume.header, time.perf_counter() - t0)
 
 
 def mean_post(posts: Sequence[PostprocessConfig]) -> PostprocessConfig:

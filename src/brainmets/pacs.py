@@ -31,7 +31,7 @@ from brainmets.dicomweb import SEG_DESCRIPTION, AccessDenied, Pacs, PacsError, P
 from brainmets.checkpoints import file_sha256
 from brainmets.inference import ENSEMBLE, Predictor
 from brainmets.registry import SHIPPED
-from brainmets.study import study_from_datasets
+from brainmets.inputs.study import study_from_datasets
 from brainmets.study_results import StudyResult, segment_study
 
 
@@ -59,7 +59,8 @@ class Segmented:
 
 
 def segment_in_pacs(pacs: Pacs, predictor: Predictor, study_uid: str, version: str | None = None,
-                    tta: bool = False, progress: Callable[[str], None] = lambda step: None) -> Segmented:
+                    tta: bool = False, progress: Callable[[str], None] = lambda step: None,
+                    register: str = "auto") -> Segmented:
     """Fetch the study's MR series, segment them as one study, store the SEG beside them.
 
     Storing again (the same study and model version) sends the same SOP instance, which the server keeps once.
@@ -71,7 +72,8 @@ def segment_in_pacs(pacs: Pacs, predictor: Predictor, study_uid: str, version: s
     seconds["fetch"], t0 = time.perf_counter() - t0, time.perf_counter()
     progress("segmenting")
     try:
-        result = segment_study(predictor, study_from_datasets(datasets, name=study_uid), tta=tta)
+        result = segment_study(predictor, study_from_datasets(datasets, name=study_uid, register=register),
+                               tta=tta)
         seg = dcmread(io.BytesIO(result.dicom_seg()))
     except ValueError as e:  # the study's fault: StudyError, ImageReadError, InputError
         raise UnusableStudy(f"study {study_uid} cannot be segmented: {e}") from None

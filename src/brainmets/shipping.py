@@ -1,7 +1,8 @@
 """Turn a finished training run into a shipped model folder, `models/<name>/`, and tune the ensemble.
 
 model.pt (the best epoch's weights and config, no optimizer), model.onnx, config.json, split.json,
-log.jsonl, metrics.json (validation and test evaluation) and MODEL_CARD.md. Every choice is made on the
+log.jsonl, metrics.json (validation and test evaluation; with the ONNX file, also how far OpenVINO bf16's masks
+agree with f32's: `brainmets.precision`) and MODEL_CARD.md. Every choice is made on the
 validation patients (the epoch during training; here the threshold, the lesion mode and sizes), through the
 serving engine; the test patients are then scored once with what was chosen.
 """
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from brainmets.cache import Arrays
-from brainmets.checkpoints import load_checkpoint, model_from_checkpoint, save_atomic
+from brainmets.checkpoints import load_checkpoint, load_hashed_checkpoint, model_from_checkpoint, save_atomic
 from brainmets.config import NETWORKS, PostprocessConfig
 from brainmets.evaluation import engine_probabilities, evaluate, report, tune_postprocessing
 from brainmets.inference import Network, Predictor
+from brainmets.metrics import dice
 from brainmets.models import count_parameters
+from brainmets.precision import AGREEMENT_KEY
 from brainmets.registry import ENSEMBLE, SHIPPED, best_name
 from brainmets.report import Run
 
@@ -78,9 +81,32 @@ def ship(run: Path, arrays: Arrays, out: Path, hardware: str, data_label: str, o
     cfg = cfg.with_post(post)
     write(cfg)
     metrics = {"model": cfg.name, "data": data_label, "checkpoint_epoch": ckpt["epoch"], **scores}
+    agreement = precision_agreement(out / "model.pt", arrays, ckpt["split"]["test"]) if onnx else None
+    if agreement:
+        metrics[AGREEMENT_KEY] = agreement
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_model_card(out, Run.load(cfg.name, out), count_parameters(model), ckpt["epoch"], hardware, data_label)
     return metrics
+
+
+def precision_agreement(checkpoint: Path, arrays: Arrays, patients: list[str]) -> dict | None:
+    """Per patient, the Dice of OpenVINO bf16's masks against f32's (the model's post-processing), for these
+    weights: the record `metrics.json` keeps, by which `BRAINMETS_PRECISION=auto` never serves a bf16 that
+    disagrees. None on a CPU that cannot run bf16 (OpenVINO would compare f32 with itself)."""
+    networks = {p: Network.load(checkpoint, "openvino", precision=p) for p in ("f32", "bf16")}
+    if networks["bf16"].precision != "bf16":
+        return None
+    stacks = {}
+    for p, network in networks.items():
+        predictor = Predictor([network], f"{network.cfg.name} {p}")
+        probs, start = engine_probabilities(predictor, arrays, patients, progress=True), 0
+        stacks[p] = []
+        for patient in patients:
+            n = len(arrays.rows(patient))
+            stacks[p].append(predictor.mask_stack(probs[start:start + n]))
+            start += n
+    return {"checkpoint_sha256": load_hashed_checkpoint(checkpoint)[1],
+            "bf16_dice_vs_f32": {patient: dice(b, f) for patient, b, f in zip(patients, stacks["bf16"], stacks["f32"])}}
 
 
 def ship_ensemble(models: Path, arrays: Arrays, data_label: str) -> dict:

@@ -25,8 +25,7 @@ from scipy import ndimage
 
 from brainmets import __version__
 from brainmets.inference import Predictor, VolumePrediction
-from brainmets.readers import stack_axial
-from brainmets.study import Study, StudyError
+from brainmets.inputs.study import Study, StudyError
 
 SEG_SERIES_NUMBER = 900  # after the scanner's series, as viewers list derived series
 
@@ -106,19 +105,18 @@ class StudyResult:
         return self.lesion_voxels * float(np.prod(self.study.spacing)) if self.study.spacing else None
 
     def on_grid(self) -> VolumePrediction:
-        """The mask on the input's voxel grid: the NIfTI's own, or (column, row, slice) of the images."""
-        volume = self.study.volume
+        """The mask on the input's own voxel grid: FLAIR's file or series (column, row, slice), with the NIfTI's
+        own header for NIfTI input."""
+        data = self.study.on_source_grid(self.mask).transpose(2, 1, 0).astype(np.uint8)
+        affine, volume = self.study.source_affine(), self.study.volume
         if volume is not None:
-            data = stack_axial(list(self.mask.astype(np.uint8)), volume)
-            return VolumePrediction(data, volume.voxel_mm3, volume.affine, volume.header, self.seconds)
-        affine = self.study.affine
+            return VolumePrediction(data, volume.voxel_mm3, affine, volume.header, self.seconds)
         code = 1 if self.study.spacing else 0  # scanner coordinates, or unknown
         header = nib.Nifti1Header()
         header.set_qform(affine, code)
         header.set_sform(affine, code)
         header.set_xyzt_units("mm" if code else "unknown")
-        return VolumePrediction(self.mask.transpose(2, 1, 0).astype(np.uint8), abs(float(np.linalg.det(affine[:3, :3]))),
-                                affine, header, self.seconds)
+        return VolumePrediction(data, abs(float(np.linalg.det(affine[:3, :3]))), affine, header, self.seconds)
 
     def nifti_gz(self) -> bytes:
         return self.on_grid().nifti_gz()
@@ -149,7 +147,7 @@ class StudyResult:
             segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm)
         seg = hd.seg.Segmentation(
-            source_images=self.study.reference, pixel_array=self.mask.astype(np.uint8),
+            source_images=self.study.reference, pixel_array=self.study.on_source_grid(self.mask),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
             series_instance_uid=generate_uid(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=generate_uid(),
             instance_number=1, manufacturer="brainmets", manufacturer_model_name=f"brainmets {self.model}",

@@ -17,10 +17,10 @@ from brainmets import study_results
 from brainmets.api.schemas import LesionOut, ModelInfo, SegmentResponse, StudyResponse
 from brainmets.config import TrainConfig
 from brainmets.inference import Network, Prediction, Predictor, mean_post
-from brainmets.readers import read_slice, read_volume
+from brainmets.inputs.readers import read_slice, read_volume
 from brainmets.registry import (BEST, ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir, resolve, shipped_metrics,
                                 validation_dice)
-from brainmets.study import Limits, study_from_upload, study_from_volume
+from brainmets.inputs.study import Limits, StudyError, study_from_upload, study_from_volume
 
 
 class ModelNotInstalled(LookupError):
@@ -168,7 +168,7 @@ def segment_volume(models: Models, data: bytes, choice: str, tta: bool, max_voxe
                    lesion_mode: str | None = None) -> tuple[bytes, dict[str, str]]:
     """The study path, for a NIfTI volume only (this route has always refused anything else)."""
     result = study_results.segment_study(models.predictor(choice, lesion_mode),
-                                         study_from_volume(read_volume(data, max_voxels)), tta)
+                                         study_from_volume(read_volume(data, max_voxels), "volume"), tta)
     volume = result.on_grid()
     headers = {"X-Model": result.model, "X-Lesion-Volume-Mm3": f"{volume.lesion_volume_mm3:.2f}",
                "X-Lesion-Voxels": str(volume.lesion_voxels), "X-Inference-Ms": f"{result.seconds * 1000:.1f}"}
@@ -176,12 +176,15 @@ def segment_volume(models: Models, data: bytes, choice: str, tta: bool, max_voxe
 
 
 def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: Limits,
-                  channels: dict[str, str], output: str,
-                  lesion_mode: str | None = None) -> StudyResponse | tuple[bytes, str, dict[str, str]]:
-    """A zip of DICOM series or numbered slices, or a NIfTI volume: the JSON answer, or for `output` nifti,
-    dicom-seg or zip (all of them at once) the file with its media type and headers."""
+                  channels: dict[str, str], output: str, lesion_mode: str | None = None, register: str = "auto",
+                  channel_names: list[str] | None = None) -> StudyResponse | tuple[bytes, str, dict[str, str]]:
+    """A zip of DICOM series, numbered slices or one case's NIfTI files, or a NIfTI volume: the JSON answer, or
+    for `output` nifti, dicom-seg or zip (all of them at once) the file with its media type and headers."""
     t0 = time.perf_counter()
-    study = study_from_upload(data, channels, limits)
+    study = study_from_upload(data, channels, limits, register=register, channel_names=channel_names)
+    if output == "dicom-seg" and not study.reference:  # refused before the engine runs, not after
+        raise StudyError(f"a DICOM SEG needs DICOM input; this study was read from {study.kind} (ask for the NIfTI "
+                         f"mask instead)")
     result = study_results.segment_study(models.predictor(choice, lesion_mode), study, tta)
     answer = study_response(result, time.perf_counter() - t0)
     if output == "json":
@@ -206,6 +209,7 @@ def study_response(result: study_results.StudyResult, total_s: float) -> StudyRe
         spacing_mm=study.spacing, channels=study.channels, series=study.series, lesions=result.lesions,
         lesion_voxels=result.lesion_voxels, lesion_volume_mm3=result.lesion_volume_mm3,
         slice_lesion_px=result.slice_lesion_px, warnings=study.warnings, ignored=study.ignored,
+        steps_ms={**{step: s * 1000 for step, s in study.seconds.items()}, "inference": result.seconds * 1000},
         inference_ms=result.seconds * 1000, total_ms=total_s * 1000)
 
 

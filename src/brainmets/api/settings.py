@@ -14,7 +14,10 @@
     BRAINMETS_VOLUME_TIMEOUT_S   the same for a volume, segmented slice by slice (600)
     BRAINMETS_CORS_ORIGINS       JSON list of browser origins allowed to call the API ([]: none)
     BRAINMETS_RUNTIME            auto | openvino | onnxruntime | torch (auto: OpenVINO where exported)
-    BRAINMETS_PRECISION          auto | bf16 | f32: OpenVINO's precision (auto: bf16 on CPUs with AMX, else f32)
+    BRAINMETS_PRECISION          auto | bf16 | f32 (auto: whichever measured faster on this CPU, f32 where bf16's
+                                 masks disagree with f32's; brainmets.precision); /v1/models says which and why
+    BRAINMETS_DEVICE             auto | cpu | cuda (auto: a CUDA GPU where PyTorch sees one, PyTorch with bf16
+                                 autocast; else the CPU runtimes); read by the engine, checked here at start
     BRAINMETS_PRELOAD            load every installed model at start-up rather than on first use (true)
     BRAINMETS_DICOMWEB_URL       the PACS of /v1/pacs (DICOMweb base URL; unset: no PACS); credentials in
                                  BRAINMETS_DICOMWEB_USER and _PASSWORD, or _TOKEN, read by brainmets.dicomweb
@@ -26,12 +29,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from brainmets.readers import MAX_PIXELS, MAX_VOXELS
+from brainmets.inference import DEVICES, RUNTIMES, pick_device
+from brainmets.inputs.readers import MAX_PIXELS, MAX_VOXELS
+from brainmets.precision import PRECISIONS
 from brainmets.registry import models_dir
-from brainmets.study import Limits
+from brainmets.inputs.study import Limits
 
 
 class Settings(BaseSettings):
@@ -48,10 +53,17 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)
     volume_timeout_s: float = Field(600.0, gt=0)
     cors_origins: list[str] = []
-    runtime: Literal["auto", "openvino", "onnxruntime", "torch"] = "auto"
-    precision: Literal["auto", "bf16", "f32"] = "auto"
+    runtime: Literal[RUNTIMES] = "auto"
+    precision: Literal[PRECISIONS] = "auto"
+    device: Literal[DEVICES] = "auto"
     preload: bool = True
     dicomweb_url: str | None = None
+
+    @model_validator(mode="after")
+    def _device_exists(self) -> Settings:
+        """cuda without a GPU, or with a CPU-only runtime, stops the server at start rather than at first use."""
+        pick_device(self.device, self.runtime)
+        return self
 
     @property
     def models(self) -> Path:

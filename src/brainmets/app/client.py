@@ -86,10 +86,12 @@ class Client:
         return VolumeResult(headers["X-Model"], response.content, float(headers["X-Lesion-Volume-Mm3"]),
                             int(headers["X-Lesion-Voxels"]))
 
-    def segment_study(self, data: bytes, filename: str, model: str = "best", tta: bool = False) -> StudyAnswer:
+    def segment_study(self, data: bytes, filename: str, model: str = "best", tta: bool = False,
+                      register: str = "auto") -> StudyAnswer:
         """A whole study (a zip, or a NIfTI volume) in one engine run: every output at once."""
         response = self._request("POST", "/v1/segment/study", timeout_s=VOLUME_TIMEOUT_S,
-                                 params={"model": model, "tta": str(tta).lower(), "format": "zip"},
+                                 params={"model": model, "tta": str(tta).lower(), "format": "zip",
+                                         "register": register},
                                  files={"file": (filename, data)})
         with zipfile.ZipFile(io.BytesIO(response.content)) as bundle:
             names = set(bundle.namelist())

@@ -9,8 +9,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from brainmets.readers import axial_slices  # noqa: F401 -- the page shows a volume as the engine slices it
-
 LESION_RGB = (255, 40, 40)
 
 
@@ -53,21 +51,4 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     ok, buffer = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise ValueError("could not encode the image as PNG")
-    return buffer.tobytes()
-
-
-def slice_file(image: np.ndarray) -> bytes:
-    """One volume slice as a file the API reads back unchanged in what the network sees: a float32 TIFF
-    (exact) for one channel; for three, a 16-bit PNG stretched per channel, which the API's own per-channel
-    stretch to 8 bits undoes (Pillow reads no 3-channel float TIFF)."""
-    if image.ndim == 2:
-        ok, buffer = cv2.imencode(".tiff", image.astype(np.float32))
-    else:
-        values = image.astype(np.float64)
-        lo = values.min(axis=(0, 1))
-        span = np.maximum(values.max(axis=(0, 1)) - lo, np.finfo(float).tiny)
-        stretched = np.round((values - lo) / span * 65535).astype(np.uint16)
-        ok, buffer = cv2.imencode(".png", np.ascontiguousarray(stretched[..., ::-1]))
-    if not ok:
-        raise ValueError(f"could not encode a {image.shape} {image.dtype} slice")
     return buffer.tobytes()

@@ -13,7 +13,8 @@ from brainmets.app.client import ApiError, Client
 from brainmets.app.compare import models_info
 from brainmets.config import PreprocessConfig
 from brainmets.preprocessing import enhance, to_uint8_rgb
-from brainmets.readers import ACCEPTED, ImageReadError, read_slice, read_volume, sniff
+from brainmets.inputs.readers import ACCEPTED, ImageReadError, read_slice, read_volume, sniff
+from brainmets.inputs.study import study_from_volume
 from brainmets.registry import BEST, ENSEMBLE, SHIPPED, title
 
 SIDE_BY_SIDE = "both side by side" if len(SHIPPED) == 2 else "all side by side"
@@ -45,7 +46,9 @@ def _segment(api: str, data: bytes, filename: str, model: str, tta: bool) -> dic
 
 @st.cache_resource(max_entries=4, show_spinner=False)  # shared, not copied: nothing writes to the slices
 def _volume(data: bytes) -> tuple[list[np.ndarray], tuple[float, float]]:
-    return images.axial_slices(read_volume(data))
+    """The volume's slices as the engine sees them (its axial slices, scaled to 8 bits over the volume)."""
+    study = study_from_volume(read_volume(data))
+    return study.slices, study.spacing[1:]
 
 
 def render(api: str) -> None:
@@ -106,7 +109,8 @@ def volume_slice(data: bytes, stem: str) -> tuple[np.ndarray, tuple[float, float
     """The slice the slider picks, oriented as the API segments volumes, and that slice as a file."""
     slices, spacing = _volume(data)
     k = st.slider(f"Axial slice (of {len(slices)})", 0, len(slices) - 1, len(slices) // 2)
-    return slices[k], spacing, images.slice_file(slices[k]), f"{stem}_slice{k}.tiff"
+    # The engine's slices are 8-bit: a PNG carries one to the API unchanged, as the network sees it.
+    return slices[k], spacing, images.png_bytes(slices[k]), f"{stem}_slice{k}.png"
 
 
 def with_spacing(result: dict, spacing: tuple[float, float] | None) -> dict:

@@ -21,15 +21,16 @@ from brainmets.app.compare import models_info
 from brainmets.app.segment import MODES, available_modes, controls
 from brainmets.preprocessing import to_uint8_rgb
 from brainmets.registry import title
-from brainmets.study import Study, study_from_upload
+from brainmets.inputs.align import REGISTER
+from brainmets.inputs.study import Study, study_from_upload
 
 SLIDER = "study-slice"
 MONTAGE = 8  # lesion slices shown side by side
 
 
 @st.cache_resource(max_entries=2, show_spinner=False)  # shared, not copied: nothing writes to the study
-def _read(data: bytes) -> Study:
-    return study_from_upload(data)
+def _read(data: bytes, register: str) -> Study:
+    return study_from_upload(data, register=register)
 
 
 def upload_bytes(files: list) -> tuple[bytes, str]:
@@ -53,6 +54,9 @@ def render(api: str) -> None:
         st.warning("The backend serves no model yet: ship one into models/<name>/ (see the README).")
         return
     mode, tta, opacity = controls(modes, key="study")
+    register = st.radio("Registration onto FLAIR", REGISTER, horizontal=True, key="study-register",
+                        help="auto: every series off FLAIR's grid is registered (rigid) and the result kept where it "
+                             "improves the match; on: every series; off: the DICOM or NIfTI geometry alone.")
     files = st.file_uploader("Study: a zip of DICOM series or of one patient's numbered slices, a NIfTI volume, or "
                              "several DICOM or slice files at once", accept_multiple_files=True, key="study-upload")
     if not files:
@@ -61,15 +65,15 @@ def render(api: str) -> None:
         return
     data, name = upload_bytes(files)
     try:
-        study = _read(data)
+        study = _read(data, register)
     except ValueError as e:
         st.error(f"{name}: {e}")
         return
-    key = (hash(data), MODES[mode][0], tta)
+    key = (hash(data), MODES[mode][0], tta, register)
     if st.button(f"Segment the study ({len(study.slices)} slices)", key="study-run"):
         with st.status(f"Segmenting {len(study.slices)} slices with {mode}...", expanded=False) as status:
             try:
-                answer = Client(api).segment_study(data, name, MODES[mode][0], tta)
+                answer = Client(api).segment_study(data, name, MODES[mode][0], tta, register)
             except ApiError as e:
                 status.update(label="Failed", state="error")
                 st.error(f"{name}: {e}")
@@ -97,8 +101,8 @@ def show(study: Study, result: StudyAnswer, masks: np.ndarray, opacity: float, s
         st.dataframe(lesion_rows(lesions), hide_index=True)
         montage(study, masks, answer["slice_lesion_px"], opacity)
     with st.expander("Channels and series"):
-        st.dataframe([{"channel": c["channel"], "filled by": c["description"], "chosen by": c["how"]}
-                      for c in answer["channels"]], hide_index=True)
+        st.dataframe([channel_row(c) for c in answer["channels"]], hide_index=True)
+        st.caption("Steps: " + ", ".join(f"{step} {ms / 1000:.2f} s" for step, ms in answer["steps_ms"].items()))
         if answer["series"]:
             st.dataframe([{k: s[k] for k in ("number", "description", "slices", "rows", "columns", "guess", "used_as")}
                           for s in answer["series"]], hide_index=True)
@@ -148,6 +152,15 @@ def montage(study: Study, masks: np.ndarray, areas: list[int], opacity: float) -
     shown = [k for k in shown if areas[k]]
     st.image([slice_overlay(study, masks, k, opacity) for k in shown], caption=[f"slice {k}" for k in shown],
              width=160)
+
+
+def channel_row(c: dict) -> dict:
+    """How a channel reached FLAIR's grid, in one table row."""
+    how = c["alignment"]
+    if how == "registered":
+        how += f" ({c['rotation_deg']:.1f}°, {c['shift_mm']:.1f} mm)"
+    return {"channel": c["channel"], "filled by": c["description"], "chosen by": c["how"], "onto FLAIR's grid": how,
+            "coverage": "" if c["coverage"] is None else f"{c['coverage']:.0%}", "seconds": round(c["seconds"], 2)}
 
 
 def lesion_rows(lesions: list[dict]) -> list[dict]:

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Path
 
 from brainmets.api import service
 from brainmets.api.deps import ModelsDep, PoolDep, SettingsDep
-from brainmets.api.routes.segment import ModelQuery, TtaQuery
-from brainmets.api.schemas import ErrorResponse, ModelChoice, PacsSegmentResponse, PacsStudies
+from brainmets.api.routes.segment import ModelQuery, RegisterQuery, TtaQuery
+from brainmets.api.schemas import ErrorResponse, ModelChoice, PacsSegmentResponse, PacsStudies, RegisterChoice
 from brainmets.api.settings import Settings
 from brainmets.dicomweb import UID_PATTERN, Pacs
 from brainmets.pacs import segment_in_pacs
@@ -37,16 +37,19 @@ def studies(settings: SettingsDep) -> PacsStudies:
 @router.post("/studies/{study_uid}/segment", response_model=PacsSegmentResponse, summary="Segment a PACS study",
              responses={**ERRORS, 503: {"model": ErrorResponse, "description": "Busy; retry after `Retry-After`."}})
 async def segment(study_uid: UID, models: ModelsDep, pool: PoolDep, settings: SettingsDep,
-                  model: ModelQuery = ModelChoice.best, tta: TtaQuery = False) -> PacsSegmentResponse:
+                  model: ModelQuery = ModelChoice.best, tta: TtaQuery = False,
+                  register: RegisterQuery = RegisterChoice.auto) -> PacsSegmentResponse:
     """Fetch the study's MR series (WADO-RS), segment them as one study, store the DICOM SEG (STOW-RS); the
     answer is the study route's, with where the SEG was stored. Runs in the inference pool."""
-    return await pool.run(settings.volume_timeout_s, _segment, models, settings, study_uid, model.value, tta)
+    return await pool.run(settings.volume_timeout_s, _segment, models, settings, study_uid, model.value, tta,
+                          register.value)
 
 
-def _segment(models: service.Models, settings: Settings, study_uid: str, choice: str, tta: bool) -> PacsSegmentResponse:
+def _segment(models: service.Models, settings: Settings, study_uid: str, choice: str, tta: bool,
+             register: str) -> PacsSegmentResponse:
     t0 = time.perf_counter()
     pacs = Pacs(settings.dicomweb_url)
-    done = segment_in_pacs(pacs, models.predictor(choice), study_uid, tta=tta)
+    done = segment_in_pacs(pacs, models.predictor(choice), study_uid, tta=tta, register=register)
     answer = service.study_response(done.result, time.perf_counter() - t0)
     return PacsSegmentResponse(
         **answer.model_dump(), study_uid=study_uid, seg_series_uid=done.seg_series_uid, model_version=done.version,

@@ -5,8 +5,9 @@ from fastapi.responses import Response
 
 from brainmets.api import service
 from brainmets.api.deps import ModelsDep, PoolDep, SettingsDep
-from brainmets.api.schemas import ErrorResponse, LesionMode, ModelChoice, OutputFormat, SegmentResponse, StudyFormat, StudyResponse
-from brainmets.readers import ACCEPTED
+from brainmets.api.schemas import (ErrorResponse, LesionMode, ModelChoice, OutputFormat, RegisterChoice, SegmentResponse,
+                                   StudyFormat, StudyResponse)
+from brainmets.inputs.readers import ACCEPTED
 from brainmets.registry import BEST
 
 router = APIRouter(prefix="/segment", tags=["segment"])
@@ -25,6 +26,10 @@ ModeQuery = Annotated[LesionMode | None, Query(description="For the stack: `sing
                                                           "(one per patient, as gliomas), `multiple` every one (as "
                                                           "metastases). Unset: the model's own, chosen on validation.")]
 TtaQuery = Annotated[bool, Query(description="Average over horizontal and vertical flips (3x the time).")]
+RegisterQuery = Annotated[RegisterChoice, Query(
+    description="Rigid registration of each sequence onto FLAIR (unrecorded patient motion): `auto` registers every "
+                "series not on FLAIR's grid and keeps it only where it improves the similarity, `on` every series, "
+                "`off` uses the headers' geometry alone.")]
 
 
 @router.post("", response_model=SegmentResponse, summary="Segment one slice",
@@ -80,8 +85,9 @@ def _channel_query(channel: str) -> object:
                                              "study.seg.dcm (DICOM input)."},
                         **ERRORS})
 async def segment_study(
-    file: Annotated[UploadFile, File(description="A zip of one study's DICOM files (any folders, any names) or of "
-                                                 "one patient's numbered slices (<name>_<n>.tif), or a NIfTI volume.")],
+    file: Annotated[UploadFile, File(description="A zip of one study's DICOM files (any folders, any names), of "
+                                                 "one patient's numbered slices (<name>_<n>.tif) or of one case's "
+                                                 "NIfTI files (BraTS or nnU-Net names), or a NIfTI volume.")],
     models: ModelsDep, pool: PoolDep, settings: SettingsDep,
     model: ModelQuery = ModelChoice.best, tta: TtaQuery = False,
     format: Annotated[StudyFormat, Query(description="`json`, `nifti` (the mask), `dicom-seg` (DICOM input only) "
@@ -89,16 +95,22 @@ async def segment_study(
     t1_pre: Annotated[str | None, _channel_query("pre-contrast T1")] = None,
     flair: Annotated[str | None, _channel_query("FLAIR")] = None,
     t1_post: Annotated[str | None, _channel_query("post-contrast T1")] = None,
-    lesion_mode: ModeQuery = None,
+    lesion_mode: ModeQuery = None, register: RegisterQuery = RegisterChoice.auto,
+    channel_names: Annotated[str | None, Query(description="An nnU-Net case without its dataset.json: the channel "
+                                                           "order of its files _0000, _0001, ... comma-separated, "
+                                                           "e.g. `FLAIR,T1,T1Gd,T2`.")] = None,
 ):
-    """One engine call over the study's slices, then its 3-D lesions: id, voxels, volume in mm³, first and last
-    slice, largest axial diameter, centroid, mean probability; the channel assignment, per-slice lesion areas,
-    warnings (gaps in positions, channels filled with FLAIR) and what was passed over in the upload."""
+    """Every sequence brought onto the FLAIR series' grid (resampled through the DICOM or NIfTI geometry, and
+    registered where the patient moved), one engine call over the study's slices, then its 3-D lesions: id,
+    voxels, volume in mm³, first and last slice, largest axial diameter, centroid, mean probability; how each
+    channel was chosen and aligned, the time of each step, per-slice lesion areas, warnings (gaps in positions,
+    low coverage, channels filled with FLAIR) and what was passed over in the upload."""
     data = await file.read()
     channels = {name: value for name, value in (("t1_pre", t1_pre), ("flair", flair), ("t1_post", t1_post))
                 if value is not None}
     answer = await pool.run(settings.volume_timeout_s, service.segment_study, models, data, model.value, tta,
-                            settings.study_limits, channels, format.value, lesion_mode and lesion_mode.value)
+                            settings.study_limits, channels, format.value, lesion_mode and lesion_mode.value,
+                            register.value, channel_names and [n.strip() for n in channel_names.split(",")])
     if isinstance(answer, StudyResponse):
         return answer
     body, media_type, headers = answer

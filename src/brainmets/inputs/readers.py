@@ -60,31 +60,6 @@ class Volume:
         return float(abs(np.prod(self.header.get_zooms()[:3])))
 
 
-def axial_slices(volume: Volume) -> tuple[list[np.ndarray], tuple[float, float]]:
-    """The slices along the volume's axis nearest the patient's inferior-superior axis, each shown as the
-    training slices were: reoriented to RAS, radiological view (anterior up, the patient's right on the
-    left); with their pixel spacing in mm (between rows, between columns). `stack_axial` undoes it."""
-    to_ras = nib.orientations.io_orientation(volume.affine)
-    ras = nib.orientations.apply_orientation(volume.data, to_ras)  # axes: towards R, A, S
-    zooms = np.empty(3)
-    zooms[to_ras[:, 0].astype(int)] = volume.header.get_zooms()[:3]
-    return [_radiological(ras[:, :, k]) for k in range(ras.shape[2])], (float(zooms[1]), float(zooms[0]))
-
-
-def stack_axial(slices: list[np.ndarray], volume: Volume) -> np.ndarray:
-    """2-D slices as `axial_slices` gives them (e.g. their masks) stacked back on the volume's voxel grid."""
-    to_ras = nib.orientations.io_orientation(volume.affine)
-    ras = np.stack([_radiological(s) for s in slices], axis=2)  # the view is its own inverse
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), to_ras)
-    return np.ascontiguousarray(nib.orientations.apply_orientation(ras, back))
-
-
-def _radiological(ras_slice: np.ndarray) -> np.ndarray:
-    """An axial (R, A[, C]) slice as an image: rows from anterior to posterior, columns from the patient's
-    right to left. Applying it twice gives the slice back."""
-    return np.flip(ras_slice, (0, 1)).swapaxes(0, 1)
-
-
 def sniff(data: bytes) -> str:
     """'png', 'jpeg', 'tiff', 'webp', 'dicom', 'nifti' or 'nifti-gz', from the first bytes."""
     if not data:
@@ -244,14 +219,14 @@ def dicom_slice(ds: pydicom.Dataset, max_pixels: int = MAX_PIXELS) -> Slice:
     if monochrome and ds.get("PhotometricInterpretation") == "MONOCHROME1":  # stored inverted: 0 is white
         pixels = pixels.astype(np.float64)  # max + min would wrap around in the stored integer type
         pixels = pixels.max() + pixels.min() - pixels
-    return Slice(np.ascontiguousarray(pixels), _pixel_spacing(ds), "dicom")
+    return Slice(np.ascontiguousarray(pixels), dicom_slice_spacing(ds), "dicom")
 
 
 def _unreadable_dicom(e: Exception) -> ImageReadError:
     return ImageReadError(f"unreadable DICOM ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
-def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+def dicom_slice_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
     """(mm between rows, between columns), or None (areas unknown) unless two numbers in (0, 1000): a
     malformed value must not fail the request, and a pixel over a metre wide is no MRI (inf mm² areas)."""
     try:
