@@ -5,6 +5,12 @@ SEG writer and the PACS client.
     study = mr_study(slices)                # slices: (H, W, 3) uint8, channels pre-T1, FLAIR, post-T1
     datasets = study.datasets               # every instance of the three series, shuffled
     data = zip_bytes(to_files(datasets))    # a zip of .dcm files
+
+    # the same study with series on other grids (and unrecorded motion), resampled with SimpleITK:
+    study = regridded_study(slices, {"AX T1 SE PRE": oblique_axial(), "AX T1 SE POST GAD": sagittal_3d()},
+                            motions={"AX T1 SE PRE": Motion(3.0, shift_mm=(1.5, -2.0, 0.0))})
+    study.volumes["AX T1 SE PRE"]           # each series as written, a SimpleITK image with its geometry
+    slices, masks = synthetic_head()        # a smooth 3-D synthetic head with one lesion, when the data is absent
 """
 
 from __future__ import annotations

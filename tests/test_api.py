@@ -60,6 +60,7 @@ def test_models_show_metrics_but_no_server_paths(client):
     assert best["validation_dice"] == 0.6 and models["ensemble"]["validation_dice"] is None
     assert (best["image_size"], best["threshold"], best["min_lesion_px"], best["runtime"]) == (64, 0.5, 0, "openvino")
     assert (best["lesion_mode"], best["min_lesion_voxels"]) == ("multiple", 0) and best["precision"] in ("bf16", "f32")
+    assert best["precision_reason"].startswith(("measured: ", "CPU has no bf16", "forced by"))
     assert models["unetpp"]["runtime"] == "torch"
 
 

@@ -23,7 +23,6 @@ from brainmets.app import about, images
 from brainmets.app.client import ApiError, Client
 from brainmets.app.launch import free_port, running
 from brainmets.app.segment import available_modes
-from brainmets.preprocessing import to_uint8_rgb
 from brainmets.inputs.readers import ACCEPTED, read_slice, read_volume
 from brainmets.inputs.study import study_from_volume
 from samples import brain, dicom, encode, nifti

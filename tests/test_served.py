@@ -71,7 +71,7 @@ def test_evaluate_predict_and_the_api_agree_exactly(two_test_patients, client, n
 
 
 def test_bf16_masks_agree_with_float32(two_test_patients):
-    """OpenVINO bf16 (what `auto` serves on AMX CPUs) against f32 on real slices: Dice ≥ 0.99."""
+    """OpenVINO bf16 (what `auto` serves where it measures faster) against f32 on real slices: Dice ≥ 0.99."""
     data, patients = two_test_patients
     dataset = open_dataset(data)
     bf16, f32 = Predictor.load("unetpp", "openvino", precision="bf16"), Predictor.load("unetpp", "openvino", precision="f32")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import zipfile
@@ -11,10 +12,12 @@ import pydicom
 import pytest
 from conftest import synthetic_slice, write_dataset
 from dicom_studies import SEQUENCES, mr_slice, mr_study, to_bytes, to_files, write_files, zip_bytes
+from nifti_cases import CASES, GRIDS, LESION_MM, phantom, write_cases
 from samples import nifti
 
-from brainmets.inputs.study import (CHANNELS, Limits, StudyError, StudyTooLarge, classify, open_study, study_from_datasets,
-                             study_from_files, study_from_upload)
+from brainmets.inputs.dicom import classify
+from brainmets.inputs.study import (CHANNELS, Limits, StudyError, StudyTooLarge, open_study, study_from_datasets,
+                                    study_from_files, study_from_upload)
 
 SIZE = 48
 
@@ -265,3 +268,83 @@ def test_mangled_dicom_files_give_a_study_or_a_clear_error(study):
             study_from_files(mangled.items())
         except (StudyError, ImageReadError):
             pass
+
+
+# --- NIfTI case folders: each sequence on its own grid ------------------------------------------------------
+
+
+def lesion_voxel(s, ras_mm) -> tuple[int, int, int]:
+    """(slice, row, column) of the study's slices at a RAS point."""
+    column, row, k = s.grid.TransformPhysicalPointToIndex([-ras_mm[0], -ras_mm[1], ras_mm[2]])
+    return k, row, column
+
+
+@pytest.mark.parametrize("folder", sorted(CASES))
+def test_a_case_folder_is_one_study_every_sequence_on_its_flair_grid(tmp_path, folder):
+    root = write_cases(tmp_path)
+    case, files = CASES[folder]
+    s = open_study(root / folder)
+    assert s.kind == "nifti case" and s.name == case and len(s.slices) == GRIDS["flair"][0][2]  # FLAIR's 12 slices
+    by_channel = {c.channel: c for c in s.channels}
+    assert by_channel["flair"].alignment == "same grid" and by_channel["flair"].description == files["flair"]
+    for channel in ("t1_pre", "t1_post"):
+        if channel in files:  # each on its own grid (oblique, sagittal 3-D): brought onto FLAIR's
+            assert by_channel[channel].alignment in ("resampled", "registered"), by_channel[channel]
+            assert by_channel[channel].description == files[channel]
+        else:
+            assert by_channel[channel].alignment == "filled with FLAIR"
+    assert any(why.startswith(files["t2"]) and "not used by the models" in why for why in s.ignored)
+    k, row, column = lesion_voxel(s, LESION_MM)
+    lesion, head = s.slices[k][row, column], s.slices[k][row, column + 12]  # 12 px = 42 mm to the patient's left
+    assert lesion[1] > head[1] and lesion[2] > head[2]  # bright on FLAIR and after contrast
+    if "t1_pre" in files:
+        assert lesion[0] < head[0]  # dark on T1: the T1 channel really is the T1 file, in register
+    if folder.startswith("Dataset001"):
+        assert by_channel["flair"].how == "channel 0 'FLAIR' of ../dataset.json"  # the order from one level up
+
+
+def test_a_zipped_case_is_read_by_the_upload_path_and_its_label_file_passed_over(tmp_path):
+    root = write_cases(tmp_path)
+    folder = root / "brats23/BraTS-MET-00001-000"
+    s = study_from_upload(zip_bytes({f"case/{p.name}": p.read_bytes() for p in folder.iterdir()}))
+    assert s.kind == "nifti case" and [c.alignment != "filled with FLAIR" for c in s.channels] == [True] * 3
+    assert any("-seg.nii.gz: a label file" in why for why in s.ignored)
+
+
+def test_case_folders_that_cannot_be_one_study_say_why(tmp_path):
+    root = write_cases(tmp_path)
+    brats = root / "brats23/BraTS-MET-00001-000"
+    (brats / "BraTS-MET-00001-000-t2f.nii.gz").unlink()
+    s = open_study(brats)  # post-contrast T1 stands in for FLAIR, as a lone DICOM series does
+    assert s.channels[1].description == "BraTS-MET-00001-000-t1c.nii.gz" and "has no FLAIR" in s.warnings[0]
+    for sequence in ("t1c", "t1n"):
+        (brats / f"BraTS-MET-00001-000-{sequence}.nii.gz").unlink()
+    with pytest.raises(StudyError, match=r"case BraTS-MET-00001-000 has neither FLAIR nor a T1 .*\(found: t2\)"):
+        open_study(brats)
+    (root / "brats21/BraTS2021_00001/BraTS2021_00002_flair.nii").write_bytes(phantom("flair"))
+    with pytest.raises(StudyError, match="2 cases in one study"):
+        open_study(root / "brats21/BraTS2021_00001")
+    (root / "lone/BraTS2021_00001_flair.nii").write_bytes(phantom("flair"))
+    (root / "lone/BraTS2021_00001_FLAIR.nii.gz").write_bytes(gzip.compress(phantom("flair")))
+    with pytest.raises(StudyError, match="BraTS2021_00001_FLAIR.nii.gz.*BraTS2021_00001_flair.nii|"
+                                         "BraTS2021_00001_flair.nii.*BraTS2021_00001_FLAIR.nii.gz"):
+        open_study(root / "lone")
+
+
+@pytest.mark.parametrize("tag, value, why", [
+    ("ImageOrientationPatient", [1, 0, 0, 0.5, 0.5, 0], "is not two orthogonal unit vectors"),
+    ("ImageOrientationPatient", [0, 0, 0, 0, 1, 0], "is not two orthogonal unit vectors"),
+    ("PixelSpacing", [0.0, 0.9], "PixelSpacing .* is not two positive numbers"),
+    ("PixelSpacing", [-1.0, 0.9], "PixelSpacing .* is not two positive numbers"),
+])
+def test_geometry_a_grid_cannot_have_is_refused_naming_the_series(slices, tag, value, why):
+    datasets = _series(slices)
+    for ds in datasets:
+        setattr(ds, tag, value)
+    with pytest.raises(StudyError, match=f"series 1 'AX T2 FLAIR' .*{why}"):
+        study_from_datasets(datasets)
+
+
+def test_register_takes_auto_on_or_off():
+    with pytest.raises(ValueError, match="unknown register setting 'maybe'; expected one of auto, on, off"):
+        study_from_upload(b"PK\x03\x04", register="maybe")

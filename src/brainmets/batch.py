@@ -316,7 +316,7 @@ def run_batch(jobs: list[Job], out: Path, model: str, workers: int = 1, tta: boo
     skipped = sum(1 for r in rows if r is not None and not r.get("error"))
     # Loaded here even for N workers: a wrong name or a broken checkpoint fails now, in one clear line.
     predictor = Predictor.load(model, runtime, lesion_mode=lesion_mode)
-    runtimes = ", ".join(n.runtime for n in predictor.networks)
+    runtimes = "; ".join(n.summary for n in predictor.networks)
     workers = max(1, min(workers, len(todo)))
     threads = max(1, _cores() // workers) if workers > 1 else 0
     if workers > 1:

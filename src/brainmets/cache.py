@@ -1,8 +1,10 @@
 """Preprocessed arrays of a dataset, decoded once and memory-mapped thereafter.
 
-Keyed by the dataset's fingerprint and the preprocessing settings, under `$BRAINMETS_CACHE` (default
-`~/.cache/brainmets`). Written to a temporary folder and renamed into place, so a crash never leaves
-a half-written cache that a later run would trust.
+Keyed by the dataset's fingerprint and the preprocessing settings (for a case layout, `brainmets.datasets`,
+also its layout and the labels forming the lesion), under `$BRAINMETS_CACHE` (default `~/.cache/brainmets`).
+Written to a temporary folder and renamed into place, so a crash never leaves a half-written cache that a
+later run would trust. A case that cannot be read is skipped with its reason (`Arrays.skipped`), the others
+go on.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from rich.progress import Progress
 
 from brainmets.config import PreprocessConfig
 from brainmets.data import DataError, Dataset
+from brainmets.datasets.base import Case, CaseDataset, CaseSlices, lesion
 from brainmets.preprocessing import enhance, resize_mask
 
 CACHE_VERSION = 1
@@ -31,6 +34,8 @@ class Arrays:
     masks: np.ndarray  # uint8 (N, S, S), 0/1
     patients: list[str]  # patient of each row; rows of a patient are contiguous, in slice order
     numbers: list[int]
+    skipped: list[str] = field(default_factory=list)  # case layouts: 'case (file): why' of each case left out
+    notes: list[str] = field(default_factory=list)  # case layouts: e.g. a label file resampled onto FLAIR's grid
 
     def rows(self, patient: str) -> range:
         first = self.patients.index(patient)
@@ -49,9 +54,12 @@ def _key(dataset: Dataset, cfg: PreprocessConfig) -> str:
     return hashlib.sha1(settings.encode()).hexdigest()[:20]
 
 
-def preprocessed(dataset: Dataset, cfg: PreprocessConfig, root: Path | None = None,
-                 progress: bool = True) -> Arrays:
-    """The dataset's arrays, from the cache or built (and cached) now."""
+def preprocessed(dataset: Dataset | CaseDataset, cfg: PreprocessConfig, root: Path | None = None,
+                 progress: bool = True, labels: tuple[int, ...] | None = None) -> Arrays:
+    """The dataset's arrays, from the cache or built (and cached) now. `labels`: a case layout's label values
+    forming the lesion (None: every non-zero one); the reference layout's masks are binary already."""
+    if isinstance(dataset, CaseDataset):
+        return _cases(dataset, cfg, labels, root or cache_root(), progress)
     folder = (root or cache_root()) / _key(dataset, cfg)
     if not (folder / "index.json").exists():
         _build(dataset, cfg, folder, progress)
@@ -94,6 +102,96 @@ def _build(dataset: Dataset, cfg: PreprocessConfig, folder: Path, progress: bool
         masks.flush()
         del images, masks
         index = {"patients": [s.patient for s in slices], "numbers": [s.number for s in slices],
+                 "fingerprint": dataset.fingerprint(), "preprocess": dataclasses.asdict(cfg)}
+        (tmp / "index.json").write_text(json.dumps(index))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished the same cache first; theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- case layouts (brainmets.datasets) ------------------------------------------------------------------------
+
+
+def case_arrays(read: CaseSlices, labels: tuple[int, ...] | None,
+                cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One case's rows: `enhance` of each of its study's slices, as serving preprocesses them, and its lesion
+    mask resized as the reference layout's masks are."""
+    images = np.stack([enhance(s, cfg) for s in read.study.slices])
+    masks = np.stack([resize_mask(np.ascontiguousarray(lesion(m, labels)), cfg.image_size) for m in read.labels])
+    return images, masks
+
+
+def _case_key(dataset: CaseDataset, cfg: PreprocessConfig, labels: tuple[int, ...] | None) -> str:
+    settings = json.dumps([CACHE_VERSION, dataset.layout, dataset.fingerprint(), list(labels) if labels else None,
+                           dataclasses.asdict(cfg)], sort_keys=True)
+    return hashlib.sha1(settings.encode()).hexdigest()[:20]
+
+
+def _cases(dataset: CaseDataset, cfg: PreprocessConfig, labels: tuple[int, ...] | None, root: Path,
+           progress: bool) -> Arrays:
+    dataset.check_labels(labels)
+    folder = root / _case_key(dataset, cfg, labels)
+    if not (folder / "index.json").exists():
+        _build_cases(dataset, cfg, labels, folder, progress)
+    index = json.loads((folder / "index.json").read_text())
+    return Arrays(images=np.load(folder / "images.npy", mmap_mode="r"),
+                  masks=np.load(folder / "masks.npy", mmap_mode="r"), patients=index["patients"],
+                  numbers=index["numbers"], skipped=index["skipped"], notes=index["notes"])
+
+
+def _why(dataset: CaseDataset, case: Case, error: Exception) -> str:
+    """The error naming its case and file."""
+    text = str(error)
+    if text.startswith(f"case {case.id}"):
+        return text
+    return f"case {case.id} ({dataset.describe(case.images[0])}): {text}"
+
+
+def _build_cases(dataset: CaseDataset, cfg: PreprocessConfig, labels: tuple[int, ...] | None, folder: Path,
+                 progress: bool) -> None:
+    """Each case read, preprocessed and set aside in a part file (hundreds of cases need not fit in memory),
+    then the parts joined into the two arrays."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        patients, numbers, counts, notes, skipped = [], [], [], [], list(dataset.skipped)
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"reading {dataset.layout} cases", total=len(dataset.cases))
+            for case in dataset.cases:
+                bar.update(task, description=f"reading {dataset.layout} case {case.id}")
+                try:
+                    read = dataset.read(case)
+                    images, masks = case_arrays(read, labels, cfg)
+                except (ValueError, OSError, RuntimeError) as e:  # the study's, the label's or ITK's refusal
+                    skipped.append(_why(dataset, case, e))
+                else:
+                    np.save(tmp / f"part{len(counts)}-images.npy", images)
+                    np.save(tmp / f"part{len(counts)}-masks.npy", masks)
+                    counts.append(len(images))
+                    patients += [case.id] * len(images)
+                    numbers += list(range(1, len(images) + 1))
+                    notes += read.notes
+                bar.advance(task)
+        if not counts:
+            raise DataError(f"no case of {dataset.source.path} could be read: " + "; ".join(skipped[:5]))
+        size = cfg.image_size
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (len(patients), size, size, 3))
+        masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (len(patients), size, size))
+        start = 0
+        for i, n in enumerate(counts):
+            for name, out in (("images", images), ("masks", masks)):
+                out[start:start + n] = np.load(tmp / f"part{i}-{name}.npy")
+                (tmp / f"part{i}-{name}.npy").unlink()
+            start += n
+        images.flush()
+        masks.flush()
+        del images, masks
+        index = {"patients": patients, "numbers": numbers, "skipped": skipped, "notes": notes,
+                 "layout": dataset.layout, "labels": list(labels) if labels else None,
                  "fingerprint": dataset.fingerprint(), "preprocess": dataclasses.asdict(cfg)}
         (tmp / "index.json").write_text(json.dumps(index))
         try:

@@ -23,6 +23,10 @@ app = typer.Typer(help="Brain lesion segmentation in MRI slices: split, train, e
 console = Console(stderr=True)
 
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="The Data.zip or a folder of <name>.tif + <name>_mask.tif pairs (also png/webp/jpg), at any depth.")]
+CasesDataOpt = Annotated[Path, typer.Option("--data", "-d", help="A folder or zip: the reference layout (<name>.tif + <name>_mask.tif pairs, also png/webp/jpg, at any depth), BraTS case folders (<case>-t2f/-t1n/-t1c/-seg.nii.gz or <case>_flair/_t1/_t1ce/_seg), an nnU-Net raw dataset (dataset.json, imagesTr/, labelsTr/) or DICOM studies each with a DICOM SEG; detected from what is there (see --layout).")]
+Layout = Enum("Layout", [(name, name) for name in ("auto", "reference", "brats", "nnunet", "dicom-seg")], type=str)
+LayoutOpt = Annotated[Layout, typer.Option(help="The layout of --data; auto detects it from what is there.")]
+LabelsOpt = Annotated[Optional[str], typer.Option(help="Label values forming the lesion in a case layout's label files, comma-separated, e.g. 1,3 (BraTS-METS: 1 necrosis, 2 oedema, 3 enhancing); default: every non-zero label.")]
 
 
 ModelName = Enum("ModelName", [(name, name) for name in MODEL_NAMES], type=str)
@@ -75,29 +79,60 @@ def friendly_errors(fn):
     return wrapper
 
 
-def load_arrays(data: Path, pre: PreprocessConfig):
+def load_arrays(data: Path, pre: PreprocessConfig, layout: str = "auto", labels: tuple[int, ...] | None = None):
+    """The dataset at `data` in its layout and its preprocessed arrays (cached); cases that cannot be read are
+    skipped, each named with its reason."""
     from brainmets.cache import preprocessed
-    from brainmets.data import open_dataset
+    from brainmets.datasets import CaseDataset, describe_labels, open_layout
 
-    dataset = open_dataset(data)
-    console.print(f"{data}: {len(dataset.patients)} patients, {len(dataset.slices)} slices")
-    return dataset, preprocessed(dataset, pre)
+    dataset = open_layout(data, layout)
+    if not isinstance(dataset, CaseDataset):
+        if labels:
+            console.print("the reference layout's masks are binary: --labels does not apply")
+        console.print(f"{data}: {len(dataset.patients)} patients, {len(dataset.slices)} slices")
+        return dataset, preprocessed(dataset, pre)
+    console.print(f"{data}: {dataset.layout} layout, {len(dataset.patients)} cases; lesion = {describe_labels(labels)}")
+    arrays = preprocessed(dataset, pre, labels=labels)
+    console.print(f"{len(arrays.patient_ids())} cases read, {len(arrays.patients)} slices")
+    for note in arrays.notes:
+        console.print(escape(note), soft_wrap=True)
+    skipped_report(arrays)
+    return dataset, arrays
+
+
+def without_skipped(s, dataset, arrays):
+    """A split (made by `brainmets split` on the cases found) without the cases that could not be read."""
+    skipped = set(dataset.patients) - set(arrays.patient_ids())
+    if not skipped & set(s.train + s.val + s.test):
+        return s
+    console.print(f"{len(skipped & set(s.train + s.val + s.test))} case(s) of the split skipped (see below): left out")
+    return dataclasses.replace(s, **{side: [p for p in getattr(s, side) if p not in skipped]
+                                     for side in ("train", "val", "test")})
+
+
+def skipped_report(arrays) -> None:
+    """The cases left out and why: said when the data is read and again at the end of the run."""
+    if arrays.skipped:
+        console.print(f"[yellow]{len(arrays.skipped)} case(s) skipped:[/yellow]")
+        for why in arrays.skipped:
+            console.print(f"  {escape(why)}", soft_wrap=True)
 
 
 @app.command()
 @friendly_errors
 def split(
-    data: DataOpt,
+    data: CasesDataOpt,
     out: Annotated[Path, typer.Option(help="Where to write the split (JSON).")] = Path("split.json"),
     test_fraction: Annotated[float, typer.Option(help="Share of all patients held out for testing.")] = 0.2,
     val_fraction: Annotated[float, typer.Option(help="Share of all patients taken from the training side for validation (model selection, early stopping).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the patient shuffle; the same seed and data give the same split.")] = 0,
+    layout: LayoutOpt = Layout.auto,
 ) -> None:
-    """Split the patients (never slices) into train / validation / test and write split.json."""
-    from brainmets.data import open_dataset
+    """Split the patients (never slices; a case layout's cases) into train / validation / test and write split.json."""
+    from brainmets.datasets import open_layout
     from brainmets.split import make_split
 
-    dataset = open_dataset(data)
+    dataset = open_layout(data, layout.value)
     s = make_split(list(dataset.patients), test_fraction, val_fraction, seed, dataset.fingerprint())
     s.save(out)
     console.print(f"{out}: {len(s.train)} train, {len(s.val)} validation, {len(s.test)} test patients")
@@ -106,7 +141,7 @@ def split(
 @app.command()
 @friendly_errors
 def train(
-    data: DataOpt,
+    data: CasesDataOpt,
     model: Annotated[ModelName, typer.Option("--model", "-m", help="Network to train.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, config.json, split.json, log.jsonl.")],
     recipe: Annotated[Recipe, typer.Option(help="'seed': Adam, BCE, 50 epochs, batch 8, lr 0.001, whole slices, fp32. 'fast': 128-px crops with lesion oversampling, 30% of the empty slices each epoch, Dice+BCE, cosine lr, bf16 (see docs/results.md).")] = Recipe.fast,
@@ -125,17 +160,26 @@ def train(
     threads: Annotated[int, typer.Option(help="Torch threads; 0 uses every core.")] = 0,
     time_budget: Annotated[Optional[float], typer.Option(help="Minutes; stops before an epoch that would not fit, keeping the best checkpoint.")] = None,
     val_every: Annotated[Optional[int], typer.Option(help="Validate every n-th epoch and the last (default 1): validation is half of a U-Net++ epoch, so 3 buys about 1.5x the crops in a time budget.")] = None,
-    init_from: Annotated[Optional[str], typer.Option(help="Start from these weights instead of random ones (fine-tuning): a shipped model's name, a run folder or a .pt checkpoint of the same network.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from these weights instead of random ones (fine-tuning): best, unetpp or attention-unet (a shipped model; best or ensemble standing for the ensemble give its member of --model), a run folder or a .pt checkpoint of the same network.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt (weights, optimizer, epoch).")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    layout: LayoutOpt = Layout.auto,
+    labels: LabelsOpt = None,
 ) -> None:
     """Train a network; the best epoch on validation per-patient Dice is kept as best.pt."""
     from brainmets.checkpoints import load_checkpoint
-    from brainmets.registry import resolve
+    from brainmets.datasets import parse_labels
+    from brainmets.registry import resolve_init
     from brainmets.split import Split, make_split
     from brainmets.training import train as run_training
 
-    init, widths = (str(resolve(init_from)), None) if init_from else (None, None)
+    lesion_labels = parse_labels(labels)
+    init, widths = None, None
+    if init_from:
+        path, note = resolve_init(init_from, model.value)
+        init = str(path)
+        if note:
+            console.print(note)
     if init:  # a fine-tuned network keeps the widths of the one it starts from
         start = TrainConfig.from_dict(load_checkpoint(Path(init))["config"]).model
         if start.name != model.value:
@@ -145,18 +189,19 @@ def train(
                       batch_size=batch_size, lr=lr, bf16=bf16, seed=seed, threads=threads,
                       time_budget_min=time_budget, missing_sequence_p=missing_sequence, val_every=val_every,
                       empty_fraction=empty_fraction, whole_slice_phase=whole_slice_phase,
-                      init_from=init)
+                      init_from=init, labels=lesion_labels)
     # Size and crop together: the config checks that the crop fits the slice (make_config skips None).
     crop_setting = {} if crop is None else {"crop_size": crop or None}
     cfg = dataclasses.replace(cfg, preprocess=PreprocessConfig(image_size=image_size), **crop_setting)
-    dataset, arrays = load_arrays(data, cfg.preprocess)
+    dataset, arrays = load_arrays(data, cfg.preprocess, layout.value, lesion_labels)
     if resume and (out / "split.json").exists():
         s = Split.load(out / "split.json")
     elif split_file:
         s = Split.load(split_file)
-    else:
-        s = make_split(list(dataset.patients), seed=seed, fingerprint=dataset.fingerprint())
-    missing = sorted(set(s.train + s.val) - set(dataset.patients))
+    else:  # the patients read: a case layout's skipped cases take no place in the split
+        s = make_split(arrays.patient_ids(), seed=seed, fingerprint=dataset.fingerprint())
+    s = without_skipped(s, dataset, arrays)
+    missing = sorted(set(s.train + s.val) - set(arrays.patient_ids()))
     if missing:
         raise ValueError(f"split names {len(missing)} patients not in {data}: {', '.join(missing[:5])}")
     console.print(f"training {cfg.name} ({cfg.recipe} recipe) on {len(s.train)} patients, "
@@ -164,12 +209,13 @@ def train(
     result = run_training(cfg, arrays, s, out, resume=resume, progress=progress)
     if os.environ.get("RANK", "0") == "0":
         console.print(f"best validation per-patient Dice {result['best_val_dice']:.4f}; checkpoints in {out}")
+        skipped_report(arrays)
 
 
 @app.command()
 @friendly_errors
 def evaluate(
-    data: DataOpt,
+    data: CasesDataOpt,
     model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)],
     side: Annotated[Side, typer.Option("--split", help="test / val: the patients of the model's own split.json; all: every patient in --data (a held-out set).")] = Side.test,
     out: Annotated[Optional[Path], typer.Option(help="Write the report (JSON) here.")] = None,
@@ -179,9 +225,12 @@ def evaluate(
     device: DeviceOpt = None,
     flair_only: Annotated[bool, typer.Option(help="Feed FLAIR in all three channels, as for a study without T1 series.")] = False,
     lesion_mode: Annotated[Optional[LesionMode], typer.Option(help="single: keep each patient's strongest 3-D lesion; multiple: every one (default: the model's, chosen on validation).")] = None,
+    layout: LayoutOpt = Layout.auto,
+    labels: Annotated[Optional[str], typer.Option(help="Label values forming the lesion in a case layout's label files, comma-separated, e.g. 1,3; default: the labels the model was trained with (its config), else every non-zero label.")] = None,
 ) -> None:
     """Evaluate a model through the serving engine: per-patient 3-D Dice, lesion-slice and pooled Dice, IoU,
     precision/recall, HD95, detection."""
+    from brainmets.datasets import parse_labels
     from brainmets.evaluation import evaluate as run_evaluation
     from brainmets.inference import Predictor
     from brainmets.checkpoints import load_checkpoint
@@ -192,23 +241,30 @@ def evaluate(
     if threshold is not None:
         predictor.post = dataclasses.replace(predictor.post, threshold=threshold)
     path = predictor.networks[0].checkpoint
-    dataset, arrays = load_arrays(data, predictor.preprocess_cfg)
+    lesion_labels = parse_labels(labels) if labels else next(
+        (n.cfg.labels for n in predictor.networks if getattr(n.cfg, "labels", None)), None)
+    dataset, arrays = load_arrays(data, predictor.preprocess_cfg, layout.value, lesion_labels)
     if side == Side.all:
-        patients = list(dataset.patients)
+        patients = arrays.patient_ids()
     else:
-        patients = load_checkpoint(path)["split"][side.value]
-        missing = sorted(set(patients) - set(dataset.patients))
+        skipped = set(dataset.patients) - set(arrays.patient_ids())  # a case layout's unreadable cases
+        patients = [p for p in load_checkpoint(path)["split"][side.value] if p not in skipped]
+        missing = sorted(set(patients) - set(arrays.patient_ids()))
         if missing:
             raise ValueError(f"{len(missing)} {side.value} patients of {path} are not in {data} "
                              f"(e.g. {missing[0]}); use --split all to evaluate every patient of {data}")
     report = run_evaluation(predictor, arrays, patients, flair=flair_only, progress=True)
     report = {"runtime": predictor.networks[0].runtime, "precision": predictor.networks[0].precision, **report}
     report = {"model": predictor.name, "checkpoint": str(path), "data": str(data), "split": side.value, **report}
+    if hasattr(dataset, "layout"):  # a case layout: what the lesion was, and the cases left out
+        report.update(layout=dataset.layout, labels=list(lesion_labels) if lesion_labels else None,
+                      skipped=list(arrays.skipped))
     _print_report(report)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"report written to {out}")
+    skipped_report(arrays)
 
 
 def _print_report(r: dict) -> None:

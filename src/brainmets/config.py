@@ -119,6 +119,9 @@ class TrainConfig:
     init_from: str | None = None
     init_sha256: str | None = None  # set by training: init_from's file as the run found it
     time_budget_min: float | None = None  # stop cleanly after this many minutes
+    # The label values of a case layout's label files that form the lesion (`--labels`); None: every non-zero
+    # label, the whole lesion with its oedema (the reference data's masks are binary). `evaluate` uses them.
+    labels: tuple[int, ...] | None = None
     # Validate every n-th epoch (and the last): U-Net++'s validation of 9 patients' whole slices took about
     # half of each epoch of 1,208 crops in its shipped run, so validating every epoch halves the crops a time
     # budget buys (README, Training).
@@ -169,6 +172,8 @@ class TrainConfig:
         pre = PreprocessConfig(**d.pop("preprocess"))
         if d.get("scale") is not None:
             d["scale"] = tuple(d["scale"])
+        if d.get("labels") is not None:
+            d["labels"] = tuple(d["labels"])
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(model=model, preprocess=pre, **{k: v for k, v in d.items() if k in known})
 

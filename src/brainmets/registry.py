@@ -71,6 +71,24 @@ def best_name() -> str:
     return max(scored)[1]
 
 
+def resolve_init(name_or_path: str | Path, network: str) -> tuple[Path, str | None]:
+    """`--init-from` of a run training `network`: the checkpoint to start from, and a note when a name stood for
+    something else. `best` (or `ensemble`) standing for the ensemble starts from its member of that network;
+    `best` standing for the other network is refused, naming what to give instead."""
+    name = str(name_or_path)
+    if name not in (BEST, ENSEMBLE):
+        return resolve(name_or_path), None
+    chosen = best_name() if name == BEST else ENSEMBLE
+    if chosen == ENSEMBLE:
+        if network not in SHIPPED:
+            raise ValueError(f"--init-from {name}: the ensemble's members are {', '.join(SHIPPED)}, not {network}")
+        return resolve(network), f"{name} is the ensemble: starting from its {network} member ({resolve(network)})"
+    if chosen != network:
+        raise ValueError(f"--init-from {name}: the best shipped model is {chosen} (on validation), not the {network} "
+                         f"being trained; give --init-from {network}, or train --model {chosen}")
+    return resolve(chosen), None
+
+
 def resolve(name_or_path: str | Path) -> Path:
     """A shipped network's name, a checkpoint file, or a training run folder -> the checkpoint."""
     name = str(name_or_path)

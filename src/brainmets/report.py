@@ -282,5 +282,5 @@ def write_results(runs: list[Run], docs: Path, examples=None, shipped: dict[str,
         run = next((r for r in runs if r.label == examples_of), runs[0])
         lines += ["What the worst test patients' masks did:", "", *_worst_three(run.metrics["per_patient"]), ""]
     out = docs / "results.md"
-    out.write_text("\n".join(lines))
+    out.write_text("\n".join(lines), encoding="utf-8")
     return out

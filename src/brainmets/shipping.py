@@ -138,6 +138,14 @@ def _other_modes(m: dict) -> str:
                     for mode, r in m["test_by_mode"].items())
 
 
+def _labels_text(cfg) -> str:
+    """What the lesion was in the training masks: `--labels`, which `evaluate` uses again by default."""
+    if getattr(cfg, "labels", None):
+        return (f"**Lesion**: label values {', '.join(map(str, cfg.labels))} of the label files (`--labels`; "
+                f"`brainmets evaluate` uses the same unless given others).")
+    return "**Lesion**: every non-zero label of the masks."
+
+
 def write_model_card(folder: Path, run: Run, params: int, best_epoch: int, hardware: str, data_label: str) -> None:
     cfg, m = run.config, run.metrics
     split = json.loads((folder / "split.json").read_text())
@@ -167,7 +175,7 @@ output one lesion logit per pixel. **Post-processing** (chosen on the validation
 stack (or a volume, a study) keeps {_mode_text(cfg)}; a lone slice drops components under {cfg.min_lesion_px} px. \
 Served by {m['runtime']} ({m['precision']}), which is also what every number below was measured with.
 - **Data**: {data_label}; split by patient (seed {split['seed']}): {len(split['train'])} train, \
-{len(split['val'])} validation, {len(split['test'])} test patients (`split.json`).
+{len(split['val'])} validation, {len(split['test'])} test patients (`split.json`). {_labels_text(cfg)}
 - **Preprocessing**: CLAHE (clip {cfg.preprocess.clahe_clip}, {cfg.preprocess.clahe_tile}×{cfg.preprocess.clahe_tile} \
 tiles) per channel, intensities to [0, 1] (`brainmets.preprocessing.preprocess`).
 - **Training**: {recipe}. {len(run.log)} epochs in {run.train_minutes:.0f} minutes on {hardware}, at {speed} (medians over epochs); best validation \
@@ -191,4 +199,4 @@ used under the TCIA Data Usage Policy. Cite M. Buda, A. Saha, M. A. Mazurowski, 
 lower-grade gliomas with shape features automatically extracted by a deep learning algorithm", Computers in Biology \
 and Medicine 109 (2019), 218–225, doi:10.1016/j.compbiomed.2019.05.002.
 """
-    (folder / "MODEL_CARD.md").write_text(text)
+    (folder / "MODEL_CARD.md").write_text(text, encoding="utf-8")  # the card holds ×, ³: never the locale's

@@ -11,7 +11,7 @@ from brainmets.api.service import ModelNotInstalled, Overloaded
 from brainmets.dicomweb import NotConfigured, PacsError, StudyNotFound, UnusableStudy
 from brainmets.inference import InputError
 from brainmets.inputs.readers import ImageReadError, ImageTooLarge, UnsupportedFormat
-from brainmets.inputs.study import StudyError, StudyTooLarge
+from brainmets.inputs.errors import StudyError, StudyTooLarge
 
 STATUS = {  # most specific first: a handler is looked up along the exception's class hierarchy
     ImageTooLarge: 413,

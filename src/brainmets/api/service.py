@@ -97,6 +97,7 @@ class Models:
                 post, loaded = cfg.post if cfg else None, self._networks.get(name)
             out.append(ModelInfo(name=name, best=name == best, runtime=loaded.runtime if loaded else None,
                                  precision=loaded.precision if loaded else None,
+                                 precision_reason=loaded.precision_reason if loaded else None,
                                  image_size=cfg.preprocess.image_size if cfg else None,
                                  threshold=post.threshold if post else None,
                                  min_lesion_px=post.min_lesion_px if post else None,

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from brainmets.inputs.errors import StudyError
+
 SEQUENCES = ("t1_pre", "flair", "t1_post", "t2")  # t2 is read if present, not used by the shipped models
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 LABEL_FOLDERS = ("labelsTr", "labelsTs")  # nnU-Net's ground truth, named CASE.nii.gz without a channel
@@ -37,7 +39,7 @@ CHANNEL_SPELLINGS = {
 LABEL_FILE = "a label file (segmentation), not segmented"
 
 
-class CaseError(ValueError):
+class CaseError(StudyError):
     """A case folder that cannot be read as given; the message names the file(s) and what is wrong."""
 
 

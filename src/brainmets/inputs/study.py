@@ -35,7 +35,7 @@ from brainmets.data import MASK_SUFFIX, SLICE_NUMBER, Source
 from brainmets.data import ignored as ignored_name  # `ignored` here is the list of what was passed over
 from brainmets.inputs import cases, dicom, geometry
 from brainmets.inputs.align import Aligned, align, check_register
-from brainmets.inputs.dicom import Series, classify  # noqa: F401 -- classify: the channel a series' tags suggest
+from brainmets.inputs.dicom import Series
 from brainmets.inputs.errors import StudyError, StudyTooLarge
 from brainmets.inputs.geometry import Scan
 from brainmets.inputs.readers import (MAX_PIXELS, MAX_VOXELS, RASTER, ImageReadError, UnsupportedFormat, Volume,
@@ -45,6 +45,8 @@ CHANNELS = ("t1_pre", "flair", "t1_post")  # the model's input channels, in orde
 FLAIR = CHANNELS.index("flair")
 ZIP_MAGIC = b"PK\x03\x04"
 NIFTI_ENDINGS = (".nii", ".nii.gz")
+# A case's grid, in order of preference: FLAIR, else a T1 stands in for it (as a lone DICOM series does).
+FLAIR_STAND_INS = ("flair", "t1_post", "t1_pre")
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,7 @@ def study_from_files(files: Iterable[tuple[str, bytes]], channels: Mapping[str, 
     """DICOM files of one study, one patient's numbered slices (`<name>_<n>.tif`, masks passed over), or one
     case's NIfTI files (BraTS or nnU-Net names, `brainmets.inputs.cases`; the nnU-Net channel order from a
     `dataset.json` among the files, else `channel_names`)."""
+    check_register(register)  # before any file is read
     ignored, dicoms, images, volumes, descriptions = list(ignored), [], [], [], []
     for key, data in files:
         # `..` in a name is no hidden file: such names are only labels here, never paths written to.
@@ -353,10 +356,11 @@ def _nifti_files(volumes: list[tuple[str, bytes]], descriptions: list[tuple[str,
     t0 = time.perf_counter()
     if len(descriptions) > 1:
         raise StudyError(f"{len(descriptions)} dataset.json files ({', '.join(k for k, _ in descriptions)}): send one")
+    channels_from = "the channel names given"
     if descriptions:
-        described = cases.read_dataset_json(descriptions[0][1])
-        channel_names = [described["channel_names"][k] for k in sorted(described["channel_names"], key=int)]
-    found, passed = cases.find_cases([key for key, _ in volumes], channel_names)
+        key, data = descriptions[0]
+        channel_names, channels_from = list(cases.read_dataset_json(data, key)["channel_names"].values()), key
+    found, passed = cases.find_cases([key for key, _ in volumes], channel_names, channels_from)
     ignored += passed
     if not found:
         if len(volumes) == 1:
@@ -371,9 +375,13 @@ def _nifti_files(volumes: list[tuple[str, bytes]], descriptions: list[tuple[str,
         raise StudyError(f"{len(found)} cases in one study ({', '.join(c.case for c in found[:5])}): send one case "
                          f"(`brainmets predict` takes a folder of many)")
     case, data = found[0], dict(volumes)
-    if "flair" not in case.files:
-        raise StudyError(f"case {case.case} has no FLAIR (found: {', '.join(case.files) or 'nothing'}): FLAIR is the "
-                         f"sequence every channel is brought onto")
+    warnings: list[str] = []
+    reference = next((seq for seq in FLAIR_STAND_INS if seq in case.files), None)
+    if reference is None:
+        raise StudyError(f"case {case.case} has neither FLAIR nor a T1 to stand in for it (found: "
+                         f"{', '.join(case.files) or 'nothing'})")
+    if reference != "flair":
+        warnings.append(f"case {case.case} has no FLAIR: {case.files[reference]} stands in for it")
     read = {sequence: read_volume(data[key], limits.max_voxels) for sequence, key in case.files.items()
             if sequence in CHANNELS}
     scans = {}
@@ -384,21 +392,23 @@ def _nifti_files(volumes: list[tuple[str, bytes]], descriptions: list[tuple[str,
         scans[sequence] = Scan(key, geometry.from_nifti_affine(_to_8bit(np.asarray(volume.data), key), volume.affine,
                                                                key), f"case {case.case}")
     read_s = time.perf_counter() - t0
-    warnings: list[str] = []
+    scans.setdefault("flair", scans[reference])
     aligned = align(scans["flair"], [scans.get(c) for c in CHANNELS], check_register(register), warnings,
                     limits.max_voxels)
-    sources = [ChannelSource(c, None, case.files[c], case.how[c]) if c in scans
+    named = {c: reference if c == "flair" else c for c in CHANNELS}  # the file each channel came from
+    sources = [ChannelSource(c, None, case.files[named[c]], case.how[named[c]]) if c in scans
                else ChannelSource(c, None, "FLAIR", "filled with FLAIR") for c in CHANNELS]
     if "t2" in case.files:
         ignored.append(f"{case.files['t2']}: T2, read as part of the case but not used by the models")
     return _study(case.case, "nifti case", aligned, sources, scans["flair"].image, known_spacing=True, read_s=read_s,
-                  warnings=warnings, ignored=ignored, volume=read["flair"])
+                  warnings=warnings, ignored=ignored, volume=read[reference])
 
 
 def study_from_upload(data: bytes, channels: Mapping[str, str] | None = None, limits: Limits = Limits(),
                       name: str = "study", register: str = "auto", channel_names: Sequence[str] | None = None) -> Study:
     """The bytes of a zip (DICOM files, one patient's numbered slices, or one case's NIfTI files) or of a
     NIfTI volume."""
+    check_register(register)  # before any work
     if data.startswith(ZIP_MAGIC):
         try:
             archive = zipfile.ZipFile(io.BytesIO(data))
@@ -409,8 +419,8 @@ def study_from_upload(data: bytes, channels: Mapping[str, str] | None = None, li
     try:
         kind = sniff(data)
     except UnsupportedFormat as e:
-        raise UnsupportedFormat(f"unsupported study: expected a zip of DICOM files or numbered slices, or a NIfTI "
-                                f"volume (.nii, .nii.gz)") from e
+        raise UnsupportedFormat("unsupported study: expected a zip of DICOM files, numbered slices or a case's NIfTI "
+                                "files, or a NIfTI volume (.nii, .nii.gz)") from e
     if kind.startswith("nifti"):
         return study_from_volume(read_volume(data, limits.max_voxels), name, register)
     return study_from_files([(name, data)], channels, limits, name, register=register)
@@ -440,6 +450,7 @@ def open_study(path: str | Path, channels: Mapping[str, str] | None = None, limi
                register: str = "auto", channel_names: Sequence[str] | None = None) -> Study:
     """A study on disk: a folder (DICOM files, numbered slices or a case's NIfTI files, at any depth), a zip, a
     NIfTI or DICOM file. A case folder's nnU-Net `dataset.json` may lie one level up."""
+    check_register(register)
     path = Path(path)
     if path.is_dir():
         source = Source(path)
