@@ -15,7 +15,7 @@ from rich.console import Console
 
 from typer.testing import CliRunner
 
-from brainmets.batch import SUMMARY, find_jobs, mask_path, run_batch
+from brainmets.batch import PROVENANCE, SUMMARY, find_jobs, mask_path, run_batch
 from brainmets.cli import app
 from brainmets.inference import Predictor
 from conftest import write_dataset, zip_folder
@@ -86,7 +86,7 @@ def test_a_tree_is_mirrored_with_one_summary_row_per_input(tree, tmp_path, pixel
     assert "3 files segmented (6 slices)" in result.output and "slices/s" in result.output
     assert "1 ground-truth masks (*_mask), 1 files of no accepted format" in result.output
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert written == ["p1/a.png", "p1/b.png", "p2/sub/v_lesions.csv", "p2/sub/v_mask.nii.gz", SUMMARY]
+    assert written == ["p1/a.png", "p1/b.png", "p2/sub/v_lesions.csv", "p2/sub/v_mask.nii.gz", PROVENANCE, SUMMARY]
 
     a, b, broken, v = rows(out)
     assert [r["file"] for r in (a, b, broken, v)] == ["p1/a.png", "p1/b.dcm", "p2/broken.png", "p2/sub/v.nii.gz"]

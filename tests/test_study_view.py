@@ -3,13 +3,13 @@ SEG, NIfTI and CSV out."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from dicom_studies import mr_study, to_files, zip_bytes
 from samples import brain
 from test_app import assert_clean, metrics, start_page
 
 from brainmets.app.client import Client
+from brainmets.app.study_view import channel_row
 from brainmets.inputs.study import study_from_upload
 
 
@@ -49,6 +49,15 @@ def test_a_zipped_study_is_segmented_scrubbed_and_downloadable(api_server, study
     at.button(key=f"jump-{last['id']}").click().run()
     assert last["first_slice"] <= at.slider(key="study-slice").value <= last["last_slice"]
     assert [b.label for b in at.get("download_button")] == ["DICOM SEG", "Mask NIfTI", "Lesions CSV"]
+    channels = next(d.value for d in at.dataframe if "onto FLAIR's grid" in d.value.columns)  # how each got there
+    assert channels["onto FLAIR's grid"].tolist() == ["same grid"] * 3 and channels["coverage"].tolist() == ["100%"] * 3
+    assert any(c.value.startswith("Steps: read ") and "register 0.00 s" in c.value for c in at.caption)
+
+
+def test_the_page_shows_a_registered_channel_with_what_registration_found():
+    row = channel_row({"channel": "t1_pre", "description": "AX T1", "how": "description", "alignment": "registered",
+                       "rotation_deg": 3.04, "shift_mm": 2.46, "coverage": 0.934, "seconds": 0.412})
+    assert row["onto FLAIR's grid"] == "registered (3.0°, 2.5 mm)" and row["coverage"] == "93%"
 
 
 def test_several_files_at_once_are_one_study(api_server, tmp_path, monkeypatch):

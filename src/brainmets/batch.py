@@ -8,14 +8,19 @@
                segmented as one stack into <folder>_mask.nii.gz (<case>_mask.nii.gz, on the FLAIR file's
                grid), <folder>_lesions.csv (3-D lesions), <folder>.seg.dcm (DICOM input) and, for numbered
                slices, the <name>.png of each slice. Volumes and studies go through the one study reader.
-    run_batch  the jobs through the inference engine, in this process (1 worker) or in N worker
-               processes with a Predictor each; every mask is written atomically, and `summary.csv`
+    run_batch  the jobs through the inference engine, in this process (1 worker), in N worker processes
+               with a Predictor each, or on a Ray cluster (`brainmets.cluster`); every output is written
+               atomically, and `summary.csv` and `provenance.json`
 
-Restartable: a file whose mask exists and whose row in `summary.csv` says ok is skipped, so the same
-command run again after Ctrl-C, a crash or a full disk continues where the first one stopped. Rows are
-appended as files finish and the CSV is rewritten, one row per input, at the end.
+Restartable: a file whose mask exists and whose row in `summary.csv` says ok with this run's model version is
+skipped, so the same command run again after Ctrl-C, a crash or a full disk continues where the first one
+stopped, and a run with another model, post-processing, TTA, lesion mode, registration setting or precision
+redoes what the earlier one made (`brainmets.provenance`). Rows are appended as files finish and the CSV is
+rewritten, one row per input, at the end. `provenance.json` holds the run's model version and what it is made
+of, as nnU-Net writes its prediction arguments beside its outputs.
 
-summary.csv: file (relative to the inputs' common folder), mask (relative to --out), kind (slice,
+summary.csv: file (relative to the inputs' common folder), mask (relative to --out), model (the model version
+that made the mask: `brainmets.provenance`), kind (slice,
 volume or study), slices, lesions (8-connected in a slice, 26-connected in a volume or study), lesion_px
 (pixels of a slice, voxels of a volume or study), lesion_mm2 (slices with a known pixel spacing), lesion_mm3
 (volumes, studies with a known voxel size), inference_ms
@@ -27,13 +32,14 @@ from __future__ import annotations
 import csv
 import io
 import functools
+import json
 import multiprocessing
 import os
 import posixpath
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
@@ -52,10 +58,12 @@ from brainmets.inputs.cases import (LABEL_FILE, NNUNET, CaseError, CaseFiles, fi
                                     read_dataset_json)
 from brainmets.inputs.readers import ACCEPTED, UnsupportedFormat, read_slice, sniff
 from brainmets.inputs.study import study_from_files
+from brainmets.provenance import fingerprint
 from brainmets.study_results import segment_study
 
 SUMMARY = "summary.csv"
-COLUMNS = ("file", "mask", "kind", "slices", "lesions", "lesion_px", "lesion_mm2", "lesion_mm3", "inference_ms",
+PROVENANCE = "provenance.json"
+COLUMNS = ("file", "mask", "model", "kind", "slices", "lesions", "lesion_px", "lesion_mm2", "lesion_mm3", "inference_ms",
            "status", "error")
 SNIFF_BYTES = 1 << 16  # more than any header `sniff` reads, gzip-compressed NIfTI included
 NAME_EXTS = (".nii.gz", ".nii", ".dcm", ".dicom", *IMAGE_EXTS)  # cut from names; other dots are kept (DICOM UIDs)
@@ -293,55 +301,72 @@ def _refuse_clashes(jobs: list[Job]) -> list[Job]:
 
 def run_batch(jobs: list[Job], out: Path, model: str, workers: int = 1, tta: bool = False, runtime: str = "auto",
               progress: bool = True, console: Console | None = None, lesion_mode: str | None = None,
-              register: str = "auto") -> Summary:
-    """Segment the jobs not done yet into `out`; write `out/summary.csv`. `workers` 1 runs in this process
-    with the runtime's default threads; N > 1 starts N processes with cores/N threads each. `lesion_mode`
-    overrides the model's for studies and volumes; `register` (auto, on, off) is the study reader's rigid
-    registration of each sequence onto FLAIR."""
+              register: str = "auto", ray: str | None = None) -> Summary:
+    """Segment the jobs not done yet with this model version into `out`; write `out/summary.csv` and
+    `out/provenance.json`. `workers` 1 runs in this process with the runtime's default threads; N > 1 starts N
+    processes with cores/N threads each. `ray` (an address, or `local` for a cluster started for the run) runs
+    them on a Ray cluster instead, `workers` actors (None: one per CPU of the cluster). `lesion_mode` overrides
+    the model's for studies and volumes; `register` (auto, on, off) is the study reader's rigid registration of
+    each sequence onto FLAIR."""
     console = console or Console(stderr=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # Loaded here even for workers: a wrong name or a broken checkpoint fails now, in one clear line, and the
+    # workers run the precision chosen here, so that every mask of the run comes from one model version.
+    predictor = Predictor.load(model, runtime, lesion_mode=lesion_mode)
+    version = fingerprint(predictor, tta, register)
     summary_path = out / SUMMARY
     earlier = _read_rows(summary_path)
+    _write_rows(summary_path, list(earlier.values()))  # an older run's columns become this run's, to append to
     rows: list[dict | None] = [None] * len(jobs)
     todo = []
     for i, job in enumerate(jobs):
+        before = earlier.get(job.file, {})
         if job.error:
             rows[i] = _row(job, status="error", error=job.error)
             console.print(f"[red]failed:[/red] {escape(job.file + ': ' + job.error)}", soft_wrap=True)
-        elif earlier.get(job.file, {}).get("status") == "ok" and (out / job.mask).exists():
-            rows[i] = earlier[job.file]
+        elif before.get("status") == "ok" and before.get("model") == version.version and (out / job.mask).exists():
+            rows[i] = before
         else:
             todo.append(i)
     skipped = sum(1 for r in rows if r is not None and not r.get("error"))
-    # Loaded here even for N workers: a wrong name or a broken checkpoint fails now, in one clear line.
-    predictor = Predictor.load(model, runtime, lesion_mode=lesion_mode)
-    runtimes = "; ".join(n.summary for n in predictor.networks)
-    workers = max(1, min(workers, len(todo)))
-    threads = max(1, _cores() // workers) if workers > 1 else 0
-    if workers > 1:
-        predictor = None  # each worker loads its own
-    console.print(f"{_n(len(todo), 'file')} to segment with {model} ({runtimes}), "
-                  + ("in this process" if workers == 1 else f"{workers} workers of {_n(threads, 'thread')}")
-                  + (f"; {skipped} done by an earlier run" if skipped else ""), soft_wrap=True)
+    stale = sum(1 for i in todo if earlier.get(jobs[i].file, {}).get("status") == "ok")
+    engine = Engine(model, runtime, tuple(n.precision for n in predictor.networks), lesion_mode, tta, register)
+    _write_provenance(out, version, engine, ray, rows)
+    if ray is not None:
+        from brainmets.cluster import Cluster
+
+        cluster = Cluster(ray, workers)
+        where = cluster.describe()
+    else:
+        workers = max(1, min(workers or 1, len(todo)))
+        threads = max(1, _cores() // workers) if workers > 1 else 0
+        where = "in this process" if workers == 1 else f"{workers} workers of {_n(threads, 'thread')}"
+    console.print(f"{_n(len(todo), 'file')} to segment with {version.version} "
+                  f"({'; '.join(n.summary for n in predictor.networks)}), {where}"
+                  + (f"; {skipped} done by an earlier run" if skipped else "")
+                  + (f"; {stale} made by another model version, redone" if stale else ""), soft_wrap=True)
     columns = (TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     done = failed = slices = 0
     started = time.perf_counter()
-    appending = summary_path.exists() and summary_path.stat().st_size > 0
     with Progress(*columns, console=console, disable=not progress) as bar, summary_path.open("a", newline="") as f:
         # Rows are appended as files finish, so a killed run keeps what it did.
         log = csv.DictWriter(f, COLUMNS, restval="", extrasaction="ignore")
-        if not appending:
-            log.writeheader()
         task = bar.add_task("", total=len(todo), info="")
-        for i, row in _segment_all([(i, jobs[i]) for i in todo], out, model, predictor, workers, threads,
-                                   runtime, tta, lesion_mode, register):
+        if ray is not None:
+            finished = cluster.run([(i, jobs[i]) for i in todo], out, engine)
+        else:
+            finished = _segment_all([(i, jobs[i]) for i in todo], out, engine, predictor, workers, threads)
+        for i, row in finished:
             rows[i] = row
             log.writerow(row)
             f.flush()
             if row["status"] == "ok":
                 done, slices = done + 1, slices + int(row["slices"])
+                if row["model"] != version.version:
+                    bar.console.print(f"[yellow]warning:[/yellow] {escape(row['file'])} made by {row['model']}, not "
+                                      f"{version.version} (a worker ran another runtime or precision)", soft_wrap=True)
             else:
                 failed += 1
                 bar.console.print(f"[red]failed:[/red] {escape(row['file'] + ': ' + row['error'])}", soft_wrap=True)
@@ -349,24 +374,47 @@ def run_batch(jobs: list[Job], out: Path, model: str, workers: int = 1, tta: boo
             bar.update(task, advance=1, info=f"{slices / elapsed:.1f} slices/s")
     seconds = time.perf_counter() - started
     _write_rows(summary_path, rows)
+    _write_provenance(out, version, engine, ray, rows)
     failed += sum(1 for j in jobs if j.error)
     return Summary(rows, done, failed, skipped, slices, seconds)
 
 
-def _segment_all(jobs: list[tuple[int, Job]], out: Path, model: str, predictor: Predictor | None, workers: int,
-                 threads: int, runtime: str, tta: bool, lesion_mode: str | None = None,
-                 register: str = "auto") -> Iterator[tuple[int, dict]]:
+@dataclass(frozen=True)
+class Engine:
+    """How every worker of a run loads and runs the model: the same model version everywhere."""
+
+    model: str
+    runtime: str
+    precisions: tuple[str, ...]  # the driver's choice, per network
+    lesion_mode: str | None
+    tta: bool
+    register: str
+
+    def load(self, threads: int = 0) -> Predictor:
+        return Predictor.load(self.model, self.runtime, threads, self.precisions, self.lesion_mode)
+
+
+def _write_provenance(out: Path, version, engine: Engine, ray: str | None, rows: list[dict | None]) -> None:
+    made_by = Counter(r["model"] for r in rows if r is not None and r.get("status") == "ok")
+    write_atomic(out / PROVENANCE, json.dumps({
+        "model_version": version.version, "fingerprint": version.record(),
+        "arguments": {"model": engine.model, "runtime": engine.runtime, "lesion_mode": engine.lesion_mode,
+                      "tta": engine.tta, "register": engine.register, "ray": ray},
+        "masks_by_model_version": dict(made_by)}, indent=2) + "\n")
+
+
+def _segment_all(jobs: list[tuple[int, Job]], out: Path, engine: Engine, predictor: Predictor, workers: int,
+                 threads: int) -> Iterator[tuple[int, dict]]:
     """(index, row) pairs as the files finish: in this process with `predictor`, or in `workers` processes."""
     if workers == 1:
         for i, job in jobs:
-            yield i, segment(predictor, job, out, tta, register)
+            yield i, segment(predictor, job, out, engine.tta, engine.register)
         return
     # spawn, not fork: a forked copy of a process that has run OpenMP threads can deadlock in them.
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, context, initializer=_start_worker,
-                               initargs=(model, runtime, threads, lesion_mode))
+    pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(engine, threads))
     try:
-        futures = {pool.submit(_segment_in_worker, job, out, tta, register): i for i, job in jobs}
+        futures = {pool.submit(_segment_in_worker, job, out, engine.tta, engine.register): i for i, job in jobs}
         for future in as_completed(futures):
             yield futures[future], future.result()
     except BrokenProcessPool as e:
@@ -379,9 +427,9 @@ def _segment_all(jobs: list[tuple[int, Job]], out: Path, model: str, predictor: 
 _worker_predictor: Predictor | None = None  # the Predictor of this worker process
 
 
-def _start_worker(model: str, runtime: str, threads: int, lesion_mode: str | None) -> None:
+def _start_worker(engine: Engine, threads: int) -> None:
     global _worker_predictor
-    _worker_predictor = Predictor.load(model, runtime, threads, lesion_mode=lesion_mode)
+    _worker_predictor = engine.load(threads)
 
 
 def _segment_in_worker(job: Job, out: Path, tta: bool, register: str) -> dict:
@@ -389,47 +437,74 @@ def _segment_in_worker(job: Job, out: Path, tta: bool, register: str) -> dict:
 
 
 def segment(predictor: Predictor, job: Job, out: Path, tta: bool = False, register: str = "auto") -> dict:
-    """One file through the engine, its mask written atomically: its summary row. A failure becomes the
+    """One file through the engine, its outputs written atomically: its summary row. A failure becomes the
     row's error; it never stops the batch."""
-    row = _row(job, status="ok")
+    row, files = run_job(predictor, job, _source(job.source).read, tta, register)
+    return write_outputs(out, row, files)
+
+
+def run_job(predictor: Predictor, job: Job, read: Callable[[str], bytes], tta: bool = False,
+            register: str = "auto") -> tuple[dict, dict[str, bytes]]:
+    """One job through the engine, its inputs read with `read(key)`: its summary row and its files by path
+    relative to --out, the mask last; nothing written. A failure becomes the row's error."""
+    row = _row(job, model=fingerprint(predictor, tta, register).version, status="ok")
     try:
         if job.kind in ("study", "volume"):  # a volume is a study of one file: one reader, one lesion table
-            result = _segment_study(predictor, job, out, tta, register)
+            result, files = _segment_study(predictor, job, read, tta, register)
             row.update(slices=len(result.study.slices), lesions=len(result.lesions), lesion_px=result.lesion_voxels,
                        lesion_mm3="" if result.lesion_volume_mm3 is None else round(result.lesion_volume_mm3, 3))
-            payload = result.nifti_gz()
+            files[job.mask] = result.nifti_gz()
         else:
-            image = read_slice(_source(job.source).read(job.key))
+            image = read_slice(read(job.key))
             result = predictor.predict(image.pixels, image.spacing, tta)
             mm2 = result.lesion_area_mm2
             row.update(slices=1, lesions=len(result.lesions), lesion_px=result.lesion_area_px,
                        lesion_mm2="" if mm2 is None else round(mm2, 3))
-            payload = result.mask_png()
+            files = {job.mask: result.mask_png()}
         row["inference_ms"] = round(result.seconds * 1000, 1)
-        write_atomic(out / job.mask, payload)  # a reader, or a restart, sees the whole mask or none of it
+        return row, files
     except Exception as e:  # one bad file must not stop a batch of thousands: its row says what went wrong
-        expected = isinstance(e, (ValueError, OSError))
-        row.update(slices="", lesions="", lesion_px="", lesion_mm2="", lesion_mm3="", inference_ms="",
-                   status="error", error=str(e) if expected else f"{type(e).__name__}: {e}")
+        return _failed(row, e), {}
+
+
+def write_outputs(out: Path, row: dict, files: dict[str, bytes]) -> dict:
+    """A job's files, each atomically and the mask last (the mark of a finished job): its row, or the row of
+    the write's failure."""
+    try:
+        for path, data in files.items():
+            write_atomic(out / path, data)  # a reader, or a restart, sees the whole file or none of it
+    except OSError as e:
+        return _failed(row, e)
     return row
 
 
-def _segment_study(predictor: Predictor, job: Job, out: Path, tta: bool, register: str = "auto"):
-    """A study or volume in one engine call; its lesion table, its SEG (DICOM input) and each numbered slice's
-    mask are written here, the NIfTI mask by the caller, last, as the mark of a finished study."""
-    source = _source(job.source)
-    study = study_from_files(((key, source.read(key)) for key, _ in job.members), name=job.file,
+def _failed(row: dict, e: Exception) -> dict:
+    expected = isinstance(e, (ValueError, OSError))
+    return {**row, "slices": "", "lesions": "", "lesion_px": "", "lesion_mm2": "", "lesion_mm3": "",
+            "inference_ms": "", "status": "error", "error": str(e) if expected else f"{type(e).__name__}: {e}"}
+
+
+def job_keys(job: Job) -> list[str]:
+    """What a job reads: a study's or volume's files, or its one slice."""
+    return [key for key, _ in job.members] or [job.key]
+
+
+def _segment_study(predictor: Predictor, job: Job, read: Callable[[str], bytes], tta: bool,
+                   register: str = "auto"):
+    """A study or volume in one engine call: the result, and its lesion table, its SEG (DICOM input) and each
+    numbered slice's mask; the caller adds the NIfTI mask, last, as the mark of a finished study."""
+    study = study_from_files(((key, read(key)) for key, _ in job.members), name=job.file,
                              register=register, channel_names=job.channels or None)
-    result = segment_study(predictor, study, tta)
+    result = segment_study(predictor, study, tta, register)
     stem = job.mask.removesuffix("_mask.nii.gz")  # a study's <folder> or <case>, a volume's <name>
-    write_atomic(out / f"{stem}_lesions.csv", result.lesions_csv())
+    files = {f"{stem}_lesions.csv": result.lesions_csv().encode()}
     if study.kind == "dicom":
-        write_atomic(out / f"{stem}.seg.dcm", result.dicom_seg())
+        files[f"{stem}.seg.dcm"] = result.dicom_seg()
     if study.kind == "slices":
         file_of = dict(job.members)
         for key, mask in zip(study.files, result.mask):
-            write_atomic(out / mask_path(file_of[key], "slice"), encode_png(mask.astype(np.uint8) * 255))
-    return result
+            files[mask_path(file_of[key], "slice")] = encode_png(mask.astype(np.uint8) * 255)
+    return result, files
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from brainmets.config import LESION_MODES, MODEL_NAMES, PreprocessConfig, TrainConfig, make_config
 from brainmets.inputs.align import REGISTER
-from brainmets.registry import CHOICES, SHIPPED
+from brainmets.registry import CHOICES
 
 app = typer.Typer(help="Brain lesion segmentation in MRI slices: split, train, evaluate, predict, serve.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -234,12 +234,14 @@ def evaluate(
     from brainmets.evaluation import evaluate as run_evaluation
     from brainmets.inference import Predictor
     from brainmets.checkpoints import load_checkpoint
+    from brainmets.provenance import fingerprint
 
     predictor = Predictor.load(model, runtime, precision=precision, lesion_mode=lesion_mode and lesion_mode.value,
                                device=device)
-    console.print(f"evaluating {predictor.name} on {engines(predictor)}", soft_wrap=True)
     if threshold is not None:
         predictor.post = dataclasses.replace(predictor.post, threshold=threshold)
+    version = fingerprint(predictor)  # preprocessed arrays: no study is read, so no registration setting
+    console.print(f"evaluating {version.version} on {engines(predictor)}", soft_wrap=True)
     path = predictor.networks[0].checkpoint
     lesion_labels = parse_labels(labels) if labels else next(
         (n.cfg.labels for n in predictor.networks if getattr(n.cfg, "labels", None)), None)
@@ -255,7 +257,8 @@ def evaluate(
                              f"(e.g. {missing[0]}); use --split all to evaluate every patient of {data}")
     report = run_evaluation(predictor, arrays, patients, flair=flair_only, progress=True)
     report = {"runtime": predictor.networks[0].runtime, "precision": predictor.networks[0].precision, **report}
-    report = {"model": predictor.name, "checkpoint": str(path), "data": str(data), "split": side.value, **report}
+    report = {"model": predictor.name, "checkpoint": str(path), "model_version": version.version,
+              "model_provenance": version.record(), "data": str(data), "split": side.value, **report}
     if hasattr(dataset, "layout"):  # a case layout: what the lesion was, and the cases left out
         report.update(layout=dataset.layout, labels=list(lesion_labels) if lesion_labels else None,
                       skipped=list(arrays.skipped))
@@ -348,16 +351,21 @@ def serve(
 @app.command()
 @friendly_errors
 def export(
-    checkpoint: Annotated[str, typer.Argument(help=f"{', '.join(SHIPPED)}, a .pt checkpoint or a run folder.")],
-    out: Annotated[Optional[Path], typer.Option(help="ONNX file to write; default: beside the checkpoint, with suffix .onnx, where the engine looks for it.")] = None,
+    model: Annotated[str, typer.Argument(help=f"{MODEL_HELP} Every checkpoint the model uses is exported: both networks for the ensemble (or a `best` standing for it).")],
+    out: Annotated[Optional[Path], typer.Option(help="ONNX file to write, for a model of one checkpoint; default: beside each checkpoint, with suffix .onnx, where the engine looks for it.")] = None,
 ) -> None:
-    """Export a checkpoint to ONNX (config.json beside it), checked against PyTorch within 1e-4."""
+    """Export a model's checkpoints to ONNX (config.json beside each), checked against PyTorch within 1e-4."""
+    from brainmets import registry
     from brainmets.export import export_onnx
-    from brainmets.registry import resolve
 
-    result = export_onnx(resolve(checkpoint), out)
-    console.print(f"{result.onnx} and {result.config} written; largest |ONNX - PyTorch| probability difference "
-                  f"{result.max_abs_diff:.1e}")
+    found = registry.model(model)
+    if out and len(found.checkpoints) > 1:
+        raise ValueError(f"--out names one file, but {model} stands for {found.name}, which uses "
+                         f"{len(found.checkpoints)} checkpoints; leave --out out to write each beside its checkpoint")
+    for checkpoint in found.checkpoints:
+        result = export_onnx(checkpoint, out)
+        console.print(f"{result.onnx} and {result.config} written; largest |ONNX - PyTorch| probability difference "
+                      f"{result.max_abs_diff:.1e}")
 
 
 @app.command()
@@ -456,7 +464,7 @@ pacs_app = typer.Typer(help="Segment the studies of a PACS over DICOMweb and sto
                        no_args_is_help=True)
 app.add_typer(pacs_app, name="pacs")
 UrlOpt = Annotated[Optional[str], typer.Option("--url", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web (Orthanc). Default: $BRAINMETS_DICOMWEB_URL.")]
-PacsModelOpt = Annotated[str, typer.Option("--model", "-m", help="unetpp, attention-unet, best, ensemble, a .pt checkpoint or a run folder.")]
+PacsModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 
 
 def _pacs_predictor(model: str, device: str | None):
@@ -513,13 +521,12 @@ def pacs_segment(
 ) -> None:
     """Fetch each study's MR series (WADO-RS), segment them as one study, store the DICOM SEG (STOW-RS)."""
     from brainmets.dicomweb import Pacs
-    from brainmets.pacs import model_version, segment_in_pacs
+    from brainmets.pacs import segment_in_pacs
 
     pacs, predictor = Pacs(url), _pacs_predictor(model, device)
-    version = model_version(predictor)
     for uid in studies:
         with console.status(f"study {uid}") as status:
-            done = segment_in_pacs(pacs, predictor, uid, version, progress=lambda step: status.update(f"study {uid}: {step}"),
+            done = segment_in_pacs(pacs, predictor, uid, progress=lambda step: status.update(f"study {uid}: {step}"),
                                    register=register.value)
         _lesion_table(done)
 
@@ -531,19 +538,24 @@ def pacs_watch(
     interval: Annotated[float, typer.Option(min=0.1, help="Seconds between polls of the server.")] = 10.0,
     once: Annotated[bool, typer.Option(help="Segment what is there now, then stop (e.g. from cron).")] = False,
     state: Annotated[Optional[Path], typer.Option(help="State file (the studies that failed); default: ~/.cache/brainmets/pacs-watch.json.")] = None,
-    device: DeviceOpt = None,
+    device: DeviceOpt = None, register: RegisterOpt = Register.auto,
 ) -> None:
     """Segment every study without a SEG of this model version, each once; Ctrl-C stops. Safe to stop or kill
-    and start again: the server says which studies are done, and a SEG stored twice is kept once."""
+    and start again: the server says which studies are done, and a SEG stored twice is kept once. The version is
+    the model's fingerprint as it runs (weights, post-processing, lesion mode, registration, runtime, precision):
+    after a retune every study is segmented again, once."""
     from brainmets.cache import cache_root
     from brainmets.dicomweb import Pacs
-    from brainmets.pacs import model_version, watch
+    from brainmets.pacs import watch
+    from brainmets.provenance import fingerprint
 
     pacs, predictor = Pacs(url), _pacs_predictor(model, device)
-    console.print(f"watching {pacs.url} with {model_version(predictor)}" + ("" if once else f", every {interval:g} s"))
+    version = fingerprint(predictor, register=register.value).version
+    console.print(f"watching {pacs.url} with {version}" + ("" if once else f", every {interval:g} s"))
     try:
         summary = watch(pacs, predictor, state or cache_root() / "pacs-watch.json", interval, once,
-                        say=lambda line: console.print(escape(line), soft_wrap=True), on_segmented=_lesion_table)
+                        say=lambda line: console.print(escape(line), soft_wrap=True), on_segmented=_lesion_table,
+                        register=register.value)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
     console.print(f"{len(summary.segmented)} studies segmented, {len(summary.failed)} failed")

@@ -36,7 +36,7 @@ from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.postprocessing import mask_slice, mask_stack
 from brainmets.precision import choose, recorded_agreement, requested_precision, speed
 from brainmets.preprocessing import preprocess
-from brainmets.registry import BEST, ENSEMBLE, SHIPPED, best_name, ensemble_post, resolve, tuned_post
+from brainmets.registry import model, tuned_post
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,11 @@ class Network:
     """One trained model, loaded once: float32 (B, 3, S, S) in [0, 1] -> logits (B, 1, S, S)."""
 
     def __init__(self, cfg: TrainConfig, checkpoint: Path, forward: Callable[[np.ndarray], np.ndarray],
-                 runtime: str, precision: str = "f32", precision_reason: str = "the runtime runs f32"):
+                 runtime: str, precision: str = "f32", precision_reason: str = "the runtime runs f32",
+                 sha256: str = ""):
         self.cfg, self.checkpoint, self.forward = cfg, checkpoint, forward
         self.runtime, self.precision, self.precision_reason = runtime, precision, precision_reason
+        self.sha256 = sha256  # of the checkpoint bytes loaded: what `brainmets.provenance` names the weights by
 
     @property
     def summary(self) -> str:
@@ -180,7 +182,7 @@ class Network:
             model, cfg = model_from_checkpoint(ckpt)
             choice = choose(precision, recorded_agreement(checkpoint, sha256), bf16=True)
             return cls(cfg, checkpoint, torch_forward(model, device, choice.precision == "bf16"), "torch-cuda",
-                       choice.precision, f"{choice.reason}, on {torch.cuda.get_device_name()}")
+                       choice.precision, f"{choice.reason}, on {torch.cuda.get_device_name()}", sha256)
         if runtime != "torch":
             if not onnx_path.exists():
                 if runtime != "auto":
@@ -193,16 +195,16 @@ class Network:
             elif runtime == "onnxruntime":
                 session = onnx_session(onnx_path, threads)
                 return cls(cfg, checkpoint, lambda x: session.run(None, {"image": x})[0], "onnxruntime",
-                           precision_reason="ONNX Runtime runs f32")
+                           precision_reason="ONNX Runtime runs f32", sha256=sha256)
             else:
                 compiled, used, reason = openvino_model(onnx_path, cfg.preprocess.image_size, sha256, threads,
                                                         precision, recorded_agreement(checkpoint, sha256))
-                return cls(cfg, checkpoint, openvino_forward(compiled), "openvino", used, reason)
+                return cls(cfg, checkpoint, openvino_forward(compiled), "openvino", used, reason, sha256)
         model, cfg = model_from_checkpoint(ckpt)
         if threads:
             torch.set_num_threads(threads)
         return cls(cfg, checkpoint, torch_forward(model, "cpu", bf16=False), "torch",
-                   precision_reason="PyTorch on the CPU runs f32")
+                   precision_reason="PyTorch on the CPU runs f32", sha256=sha256)
 
     def warm_up(self) -> None:
         """One forward pass, so kernel selection and allocations are not paid by the first request."""
@@ -315,17 +317,18 @@ class Predictor:
         self.post = post or (networks[0].cfg.post if len(networks) == 1 else mean_post([n.cfg.post for n in networks]))
 
     @classmethod
-    def load(cls, name_or_path: str | Path, runtime: str = "auto", threads: int = 0, precision: str | None = None,
-             lesion_mode: str | None = None, device: str | None = None) -> Predictor:
+    def load(cls, name_or_path: str | Path, runtime: str = "auto", threads: int = 0,
+             precision: str | Sequence[str] | None = None, lesion_mode: str | None = None,
+             device: str | None = None) -> Predictor:
         """`ensemble`, a shipped name (`unetpp`, `attention-unet`, `best`), a checkpoint or a run folder,
-        all through `brainmets.registry`. `lesion_mode` ('single' or 'multiple') overrides the model's own, with
+        all through `brainmets.registry.model`. `precision`: one for every network, or one per network (batch
+        workers run what the driver chose). `lesion_mode` ('single' or 'multiple') overrides the model's own, with
         the settings validation chose for that mode where they are known."""
-        name = best_name() if str(name_or_path) == BEST else str(name_or_path)
-        if name == ENSEMBLE:
-            predictor = cls([Network.load(resolve(n), runtime, threads, precision, device) for n in SHIPPED], name,
-                            ensemble_post())
-        else:
-            predictor = cls([Network.load(resolve(name), runtime, threads, precision, device)], name)
+        found = model(name_or_path)
+        precisions = [precision] * len(found.checkpoints) if precision is None or isinstance(precision, str) \
+            else list(precision)
+        predictor = cls([Network.load(path, runtime, threads, p, device)
+                         for path, p in zip(found.checkpoints, precisions, strict=True)], found.name, found.post)
         predictor.use_lesion_mode(lesion_mode)
         return predictor
 

@@ -3,8 +3,11 @@
     segment_in_pacs  fetch a study's MR series, segment them with the study pipeline, store the SEG
     watch            poll for studies without our SEG of the current model version and segment each once
 
+The model version is the fingerprint of the model as it runs (`brainmets.provenance`: checkpoints,
+post-processing, TTA, lesion mode, registration setting, runtime and precision, brainmets version): after a
+retune, a study is segmented again, once; with the same fingerprint, never.
 Exactly once, across crashes: our SEG's SeriesInstanceUID and SOPInstanceUID are derived from the study UID
-and the model version, so "is this study done?" is a question to the server (one QIDO query), and nothing
+and the model version (`study_results.seg_uids`), so "is this study done?" is a question to the server (one QIDO query), and nothing
 written locally can disagree with it: a run killed right after its STOW-RS finds the SEG there on restart,
 and a SEG stored twice is the same instance, which the server keeps once. The local state file (written
 atomically) only remembers the studies that failed, so that a study the model cannot read is not fetched
@@ -14,7 +17,6 @@ again every poll; a lock on it keeps a second watcher out.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -25,47 +27,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 
-from brainmets.dicomweb import SEG_DESCRIPTION, AccessDenied, Pacs, PacsError, PacsUnreachable, UnusableStudy
-from brainmets.checkpoints import file_sha256
-from brainmets.inference import ENSEMBLE, Predictor
-from brainmets.registry import SHIPPED
+from brainmets.dicomweb import AccessDenied, Pacs, PacsError, PacsUnreachable, UnusableStudy
+from brainmets.inference import Predictor
 from brainmets.inputs.study import study_from_datasets
+from brainmets.provenance import fingerprint
 from brainmets.study_results import StudyResult, segment_study
-
-
-def model_version(predictor: Predictor) -> str:
-    """The model's name and a digest of its checkpoint(s): a retrained model is a new version. A checkpoint
-    given by path is `checkpoint-<digest>` (a path does not fit the 64 characters of a SeriesDescription)."""
-    digest = hashlib.sha256("".join(file_sha256(n.checkpoint) for n in predictor.networks).encode())
-    name = predictor.name if predictor.name in (*SHIPPED, ENSEMBLE) else "checkpoint"
-    return f"{name}-{digest.hexdigest()[:12]}"
-
-
-def seg_uids(study_uid: str, version: str) -> tuple[str, str]:
-    """(SeriesInstanceUID, SOPInstanceUID) of our SEG for this study and model version: the same on every run."""
-    return (generate_uid(entropy_srcs=[study_uid, version, "series"]),
-            generate_uid(entropy_srcs=[study_uid, version, "instance"]))
 
 
 @dataclass
 class Segmented:
     study_uid: str
-    version: str  # the model's, as `model_version`
+    version: str  # the fingerprint's (`brainmets.provenance`), as the SEG's description carries it
     seg_series_uid: str
     result: StudyResult
     seconds: dict[str, float]  # fetch, segment, store
 
 
-def segment_in_pacs(pacs: Pacs, predictor: Predictor, study_uid: str, version: str | None = None,
-                    tta: bool = False, progress: Callable[[str], None] = lambda step: None,
-                    register: str = "auto") -> Segmented:
+def segment_in_pacs(pacs: Pacs, predictor: Predictor, study_uid: str, tta: bool = False,
+                    progress: Callable[[str], None] = lambda step: None, register: str = "auto") -> Segmented:
     """Fetch the study's MR series, segment them as one study, store the SEG beside them.
 
     Storing again (the same study and model version) sends the same SOP instance, which the server keeps once.
     """
-    version = version or model_version(predictor)
     seconds, t0 = {}, time.perf_counter()
     progress("fetching")
     datasets = [ds for uid in pacs.image_series(study_uid) for ds in pacs.fetch_series(study_uid, uid)]
@@ -73,19 +57,15 @@ def segment_in_pacs(pacs: Pacs, predictor: Predictor, study_uid: str, version: s
     progress("segmenting")
     try:
         result = segment_study(predictor, study_from_datasets(datasets, name=study_uid, register=register),
-                               tta=tta)
-        seg = dcmread(io.BytesIO(result.dicom_seg()))
+                               tta, register)
+        seg = dcmread(io.BytesIO(result.dicom_seg()))  # UIDs derived from the study and the model version
     except ValueError as e:  # the study's fault: StudyError, ImageReadError, InputError
         raise UnusableStudy(f"study {study_uid} cannot be segmented: {e}") from None
-    # The study pipeline's SEG has fresh UIDs and a description without the version: ours are derived.
-    seg.SeriesInstanceUID, seg.SOPInstanceUID = seg_uids(study_uid, version)
-    seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
-    seg.SeriesDescription = f"{SEG_DESCRIPTION} {version}"
     seconds["segment"], t0 = time.perf_counter() - t0, time.perf_counter()
     progress("storing")
     pacs.store(seg)
     seconds["store"] = time.perf_counter() - t0
-    return Segmented(study_uid, version, seg.SeriesInstanceUID, result, seconds)
+    return Segmented(study_uid, result.version, seg.SeriesInstanceUID, result, seconds)
 
 
 # --- watch ------------------------------------------------------------------------------------------------
@@ -137,14 +117,15 @@ class WatchSummary:
 
 def watch(pacs: Pacs, predictor: Predictor, state_path: Path, interval_s: float = 10.0, once: bool = False,
           say: Callable[[str], None] = print, on_segmented: Callable[[Segmented], None] | None = None,
-          max_polls: int | None = None) -> WatchSummary:
-    """Poll the PACS and segment every study without our SEG of this model version, each once.
+          max_polls: int | None = None, tta: bool = False, register: str = "auto") -> WatchSummary:
+    """Poll the PACS and segment every study without our SEG of this model version (the predictor's fingerprint
+    with `tta` and `register`), each once.
 
     A study is taken once its instance count is the same on two polls in a row (its series have stopped
     arriving); `once` takes what is there now, then returns. A study that fails is recorded and not retried
     with this model version; an unreachable PACS is waited for (with `once`, it ends the run).
     """
-    version = model_version(predictor)
+    version = fingerprint(predictor, tta, register).version
     summary, previous = WatchSummary(), {}
     with locked_state(state_path) as state:
         while max_polls is None or summary.polls < max_polls:
@@ -156,7 +137,7 @@ def watch(pacs: Pacs, predictor: Predictor, state_path: Path, interval_s: float 
                     if state.failed_before(row.uid, version) or not (once or counts.get(row.uid) == row.instances):
                         continue
                     try:
-                        done = segment_in_pacs(pacs, predictor, row.uid, version)
+                        done = segment_in_pacs(pacs, predictor, row.uid, tta, register=register)
                     except (PacsUnreachable, AccessDenied):
                         raise
                     except PacsError as e:

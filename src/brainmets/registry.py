@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from brainmets.config import MODEL_NAMES, NETWORKS, PostprocessConfig
@@ -87,6 +88,25 @@ def resolve_init(name_or_path: str | Path, network: str) -> tuple[Path, str | No
         raise ValueError(f"--init-from {name}: the best shipped model is {chosen} (on validation), not the {network} "
                          f"being trained; give --init-from {network}, or train --model {chosen}")
     return resolve(chosen), None
+
+
+@dataclass(frozen=True)
+class Model:
+    """What a model name or path stands for: the checkpoints to load, and the post-processing that goes with them
+    (the ensemble's, tuned on validation; None: each network's own, from its checkpoint)."""
+
+    name: str  # `best` resolved: a shipped network, `ensemble`, or the path given
+    checkpoints: tuple[Path, ...]
+    post: PostprocessConfig | None = None
+
+
+def model(name_or_path: str | Path) -> Model:
+    """`best`, `ensemble`, a shipped network's name, a checkpoint or a run folder: the one place a model name
+    becomes files, for every entry point (command line, API, page, batch, PACS)."""
+    name = best_name() if str(name_or_path) == BEST else str(name_or_path)
+    if name == ENSEMBLE:
+        return Model(ENSEMBLE, tuple(resolve(n) for n in SHIPPED), ensemble_post())
+    return Model(name, (resolve(name),))
 
 
 def resolve(name_or_path: str | Path) -> Path:

@@ -1,10 +1,12 @@
 """A study through the engine in one call, and what comes out: 3-D lesions, the NIfTI mask on the input's
 grid, a DICOM SEG referencing the FLAIR series, the lesion table as JSON and CSV.
 
-    result = segment_study(predictor, study, tta=False)
+    result = segment_study(predictor, study, tta=False, register="auto")
     result.lesions          # 3-D lesions (26-connected), largest first
+    result.fingerprint      # what made the mask (brainmets.provenance)
     result.nifti_gz()       # the mask on the input's grid
-    result.dicom_seg()      # DICOM input only: a BINARY SEG with one segment, "lesion"
+    result.dicom_seg()      # DICOM input only: a BINARY SEG with one segment, "lesion", its UIDs derived from
+                            # the study and the fingerprint
     result.lesions_csv()
 """
 
@@ -24,7 +26,9 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from brainmets import __version__
+from brainmets.dicomweb import SEG_DESCRIPTION
 from brainmets.inference import Predictor, VolumePrediction
+from brainmets.provenance import Fingerprint, fingerprint
 from brainmets.inputs.study import Study, StudyError
 
 SEG_SERIES_NUMBER = 900  # after the scanner's series, as viewers list derived series
@@ -91,6 +95,12 @@ class StudyResult:
     mask: np.ndarray  # bool (N, H, W)
     lesions: list[Lesion3D]
     seconds: float  # the engine: preprocessing, network, post-processing, lesion analysis
+    fingerprint: Fingerprint | None = None  # None for a result made outside the engine (a known mask)
+
+    @property
+    def version(self) -> str:
+        """The model version a SEG carries: the fingerprint's, else the model's name."""
+        return self.fingerprint.version if self.fingerprint else self.model
 
     @property
     def slice_lesion_px(self) -> list[int]:
@@ -136,23 +146,26 @@ class StudyResult:
 
     def dicom_seg(self) -> bytes:
         """A BINARY DICOM SEG over the FLAIR series' instances, one segment "lesion", as OHIF and 3D Slicer
-        show beside the images."""
+        show beside the images. Its algorithm version and series description carry the model version, and its
+        UIDs derive from the study and that version (`seg_uids`): the same study segmented again the same way is
+        the same instance, segmented another way another one."""
         if not self.study.reference:
             raise StudyError(f"a DICOM SEG needs DICOM input; this study was read from {self.study.kind} "
                              f"(ask for the NIfTI mask instead)")
-        algorithm = hd.AlgorithmIdentificationSequence(name=f"brainmets {self.model}", version=__version__,
+        algorithm = hd.AlgorithmIdentificationSequence(name=f"brainmets {self.model}", version=self.version,
                                                        family=codes.cid7162.ArtificialIntelligence)
         segment = hd.seg.SegmentDescription(
             segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm)
+        series_uid, instance_uid = seg_uids(self.study.reference[0].StudyInstanceUID, self.version)
         seg = hd.seg.Segmentation(
             source_images=self.study.reference, pixel_array=self.study.on_source_grid(self.mask),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
-            series_instance_uid=generate_uid(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=generate_uid(),
+            series_instance_uid=series_uid, series_number=SEG_SERIES_NUMBER, sop_instance_uid=instance_uid,
             instance_number=1, manufacturer="brainmets", manufacturer_model_name=f"brainmets {self.model}",
             software_versions=__version__, device_serial_number="none",
-            series_description=f"brainmets {self.model} lesions")
+            series_description=f"{SEG_DESCRIPTION} {self.version}")
         out = io.BytesIO()
         seg.save_as(out)
         return out.getvalue()
@@ -164,9 +177,17 @@ def _cell(value):
     return "" if value is None else value
 
 
-def segment_study(predictor: Predictor, study: Study, tta: bool = False) -> StudyResult:
-    """The whole study in one engine call, then its 3-D lesions."""
+def seg_uids(study_uid: str, version: str) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of our SEG for this study and model version: the same on every run."""
+    return (generate_uid(entropy_srcs=[study_uid, version, "series"]),
+            generate_uid(entropy_srcs=[study_uid, version, "instance"]))
+
+
+def segment_study(predictor: Predictor, study: Study, tta: bool = False, register: str = "auto") -> StudyResult:
+    """The whole study in one engine call, then its 3-D lesions. `register` is the setting the study was read
+    with: it goes into the result's fingerprint."""
     t0 = time.perf_counter()
     stack = predictor.predict_stack(study.slices, tta=tta)
     lesions = find_lesions_3d(stack.probability, stack.mask, study.spacing)
-    return StudyResult(study, predictor.name, stack.probability, stack.mask, lesions, time.perf_counter() - t0)
+    return StudyResult(study, predictor.name, stack.probability, stack.mask, lesions, time.perf_counter() - t0,
+                       fingerprint(predictor, tta, register))

@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           expose_headers=["X-Model", "X-Lesion-Area-Px", "X-Lesion-Area-Mm2", "X-Lesion-Count",
+                           expose_headers=["X-Model", "X-Model-Version", "X-Lesion-Area-Px", "X-Lesion-Area-Mm2", "X-Lesion-Count",
                                            "X-Lesion-Volume-Mm3", "X-Lesion-Voxels", "X-Inference-Ms"])
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
     app.include_router(health.router)

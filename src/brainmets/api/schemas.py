@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -101,6 +102,13 @@ class StudyResponse(BaseModel):
 
     model: str = Field(description="The model that answered (`best` is reported as the model it resolved to).",
                        examples=["unetpp"])
+    model_version: str = Field(description="The model as it ran: its name and the digest of its fingerprint "
+                                           "(brainmets.provenance). The DICOM SEG carries it, and its UIDs derive "
+                                           "from it and the study.", examples=["unetpp-3f2a9c01b7d4"])
+    model_provenance: dict[str, Any] = Field(
+        description="What the fingerprint is made of: each network's checkpoint SHA-256, runtime and precision, the "
+                    "post-processing (threshold, lesion mode, smallest lesions), TTA, the registration setting and "
+                    "the brainmets version; with `version` and the full `digest`.")
     kind: str = Field(description="What the upload held: `dicom` series, `slices` (numbered images of one "
                                   "patient), a `nifti` volume or a `nifti case` (one case's NIfTI files, BraTS or "
                                   "nnU-Net names).", examples=["dicom"])
@@ -142,7 +150,6 @@ class PacsSegmentResponse(StudyResponse):
     study_uid: str
     seg_series_uid: str = Field(description="Derived from the study and the model version: the same on every run.")
     stored_at: str = Field(description="The SEG series' WADO-RS address.")
-    model_version: str = Field(description="The model and a digest of its weights.", examples=["unetpp-3f2a9c01b7d4"])
     fetch_ms: float = Field(description="Retrieving the study's MR series (WADO-RS).")
     store_ms: float = Field(description="Storing the SEG (STOW-RS).")
 

@@ -11,6 +11,7 @@ import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 from brainmets import study_results
@@ -18,8 +19,8 @@ from brainmets.api.schemas import LesionOut, ModelInfo, SegmentResponse, StudyRe
 from brainmets.config import TrainConfig
 from brainmets.inference import Network, Prediction, Predictor, mean_post
 from brainmets.inputs.readers import read_slice, read_volume
-from brainmets.registry import (BEST, ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir, resolve, shipped_metrics,
-                                validation_dice)
+from brainmets.registry import (BEST, CANDIDATES, CHOICES, ENSEMBLE, SHIPPED, best_name, ensemble_post, model,
+                                models_dir, resolve, shipped_metrics, validation_dice)
 from brainmets.inputs.study import Limits, StudyError, study_from_upload, study_from_volume
 
 
@@ -32,11 +33,12 @@ class Overloaded(Exception):
 
 
 class Models:
-    """The shipped networks, each loaded on first use (or at start-up) and shared by `ensemble`."""
+    """The shipped networks, each loaded on first use (or at start-up) and shared by every model using it
+    (`best`, `ensemble`); which files a name stands for is `brainmets.registry.model`'s answer."""
 
     def __init__(self, runtime: str = "auto", threads: int = 0, precision: str = "auto"):
         self.runtime, self.threads, self.precision = runtime, threads, precision
-        self._networks: dict[str, Network] = {}
+        self._networks: dict[Path, Network] = {}  # checkpoint -> its network
         self._lock = threading.Lock()
 
     def installed(self) -> list[str]:
@@ -44,38 +46,36 @@ class Models:
 
     def preload(self) -> None:
         for name in self.installed():
-            self.network(name).warm_up()
+            self.network(resolve(name)).warm_up()
 
-    def network(self, name: str) -> Network:
-        if name not in SHIPPED:  # requests reach here through ModelChoice; this keeps any other caller honest
-            raise ModelNotInstalled(f"unknown model {name!r}; expected one of {', '.join(SHIPPED)}")
+    def network(self, checkpoint: Path) -> Network:
         with self._lock:
-            if name not in self._networks:
-                try:
-                    path = resolve(name)
-                except FileNotFoundError as e:
-                    raise ModelNotInstalled(f"model {name!r} is not installed on this server; installed: "
-                                            f"{', '.join(self.installed()) or 'none'}") from e
-                self._networks[name] = Network.load(path, self.runtime, self.threads, self.precision)
-            return self._networks[name]
+            if checkpoint not in self._networks:
+                self._networks[checkpoint] = Network.load(checkpoint, self.runtime, self.threads, self.precision)
+            return self._networks[checkpoint]
+
+    def loaded(self, name: str) -> Network | None:
+        """A shipped network's, if it has been loaded."""
+        return self._networks.get(models_dir() / name / "model.pt")
 
     def predictor(self, choice: str, lesion_mode: str | None = None) -> Predictor:
         """`best`, `ensemble` (both shipped networks) or a shipped name; `lesion_mode` overrides the model's
         own for stacks, with the settings validation chose for that mode."""
-        predictor = self._predictor(choice)
+        if choice not in CHOICES:  # requests reach here through ModelChoice; this keeps any other caller honest
+            raise ModelNotInstalled(f"unknown model {choice!r}; expected one of {', '.join(CANDIDATES)} or {BEST}")
+        try:
+            found = model(choice)
+        except FileNotFoundError as e:
+            installed = ", ".join(self.installed()) or "none"
+            if choice == BEST:
+                raise ModelNotInstalled(f"no installed model has validation metrics to pick `best` by; installed: "
+                                        f"{installed}") from e
+            missing = next((n for n in (SHIPPED if choice == ENSEMBLE else (choice,)) if n not in self.installed()),
+                           choice)
+            raise ModelNotInstalled(f"model {missing!r} is not installed on this server; installed: {installed}") from e
+        predictor = Predictor([self.network(path) for path in found.checkpoints], found.name, found.post)
         predictor.use_lesion_mode(lesion_mode)
         return predictor
-
-    def _predictor(self, choice: str) -> Predictor:
-        if choice == BEST:
-            try:
-                choice = best_name()
-            except FileNotFoundError as e:
-                raise ModelNotInstalled(f"no installed model has validation metrics to pick `best` by; installed: "
-                                        f"{', '.join(self.installed()) or 'none'}") from e
-        if choice == ENSEMBLE:
-            return Predictor([self.network(n) for n in SHIPPED], choice, ensemble_post())
-        return Predictor([self.network(choice)], choice)
 
     def info(self) -> list[ModelInfo]:
         """The installed networks, and the ensemble where both are installed."""
@@ -90,11 +90,11 @@ class Models:
                 cfg = TrainConfig.load(models_dir() / SHIPPED[0] / "config.json")
                 post = ensemble_post() or mean_post([TrainConfig.load(models_dir() / n / "config.json").post
                                                      for n in SHIPPED])
-                loaded = self._networks.get(SHIPPED[0])
+                loaded = self.loaded(SHIPPED[0])
             else:
                 config_path = models_dir() / name / "config.json"
                 cfg = TrainConfig.load(config_path) if config_path.is_file() else None
-                post, loaded = cfg.post if cfg else None, self._networks.get(name)
+                post, loaded = cfg.post if cfg else None, self.loaded(name)
             out.append(ModelInfo(name=name, best=name == best, runtime=loaded.runtime if loaded else None,
                                  precision=loaded.precision if loaded else None,
                                  precision_reason=loaded.precision_reason if loaded else None,
@@ -171,7 +171,7 @@ def segment_volume(models: Models, data: bytes, choice: str, tta: bool, max_voxe
     result = study_results.segment_study(models.predictor(choice, lesion_mode),
                                          study_from_volume(read_volume(data, max_voxels), "volume"), tta)
     volume = result.on_grid()
-    headers = {"X-Model": result.model, "X-Lesion-Volume-Mm3": f"{volume.lesion_volume_mm3:.2f}",
+    headers = {"X-Model": result.model, "X-Model-Version": result.version, "X-Lesion-Volume-Mm3": f"{volume.lesion_volume_mm3:.2f}",
                "X-Lesion-Voxels": str(volume.lesion_voxels), "X-Inference-Ms": f"{result.seconds * 1000:.1f}"}
     return volume.nifti_gz(), headers
 
@@ -186,7 +186,7 @@ def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: L
     if output == "dicom-seg" and not study.reference:  # refused before the engine runs, not after
         raise StudyError(f"a DICOM SEG needs DICOM input; this study was read from {study.kind} (ask for the NIfTI "
                          f"mask instead)")
-    result = study_results.segment_study(models.predictor(choice, lesion_mode), study, tta)
+    result = study_results.segment_study(models.predictor(choice, lesion_mode), study, tta, register)
     answer = study_response(result, time.perf_counter() - t0)
     if output == "json":
         return answer
@@ -196,7 +196,7 @@ def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: L
         body, media_type, name = result.nifti_gz(), "application/gzip", "study_mask.nii.gz"
     else:
         body, media_type, name = result.dicom_seg(), "application/dicom", "study.seg.dcm"
-    return body, media_type, {"X-Model": result.model, "X-Lesion-Count": str(len(result.lesions)),
+    return body, media_type, {"X-Model": result.model, "X-Model-Version": result.version, "X-Lesion-Count": str(len(result.lesions)),
                               "X-Lesion-Voxels": str(result.lesion_voxels),
                               "X-Inference-Ms": f"{result.seconds * 1000:.1f}",
                               "Content-Disposition": f'attachment; filename="{name}"'}
@@ -206,7 +206,8 @@ def study_response(result: study_results.StudyResult, total_s: float) -> StudyRe
     study = result.study
     rows, columns = result.mask.shape[1:]
     return StudyResponse(
-        model=result.model, kind=study.kind, slices=len(study.slices), rows=rows, columns=columns,
+        model=result.model, model_version=result.version, model_provenance=result.fingerprint.record(),
+        kind=study.kind, slices=len(study.slices), rows=rows, columns=columns,
         spacing_mm=study.spacing, channels=study.channels, series=study.series, lesions=result.lesions,
         lesion_voxels=result.lesion_voxels, lesion_volume_mm3=result.lesion_volume_mm3,
         slice_lesion_px=result.slice_lesion_px, warnings=study.warnings, ignored=study.ignored,

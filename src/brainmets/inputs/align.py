@@ -14,9 +14,8 @@ since the networks learned axial slices. Each other scan is
 `register`: 'off' uses the geometry alone. 'auto' (the default) registers every scan that is not on FLAIR's grid,
 scans of another (or an unknown) frame of reference from centred volumes, and keeps a registration only where
 it improves the similarity measure. A scan on FLAIR's grid in its frame of reference is left in place: on the
-aligned studies of the 9 validation patients, registering those too (`on`) moved them by at most 0.65 degrees
-and 0.84 mm, within registration's own error, and changed the mean Dice by less than 0.0001
-(benchmarks/registration.py, docs/experiments.md). 'on' registers those too. Where a scan
+aligned studies of the 9 validation patients, registering those too (`on`) changed the mean Dice by less than
+0.0001 (benchmarks/grids.py, docs/experiments.md). 'on' registers those too. Where a scan
 does not cover a voxel of the grid, FLAIR fills it, as it fills a missing channel.
 """
 

@@ -44,7 +44,6 @@ from brainmets.inputs.readers import (MAX_PIXELS, MAX_VOXELS, RASTER, ImageReadE
 CHANNELS = ("t1_pre", "flair", "t1_post")  # the model's input channels, in order
 FLAIR = CHANNELS.index("flair")
 ZIP_MAGIC = b"PK\x03\x04"
-NIFTI_ENDINGS = (".nii", ".nii.gz")
 # A case's grid, in order of preference: FLAIR, else a T1 stands in for it (as a lone DICOM series does).
 FLAIR_STAND_INS = ("flair", "t1_post", "t1_pre")
 

@@ -52,6 +52,6 @@ def _segment(models: service.Models, settings: Settings, study_uid: str, choice:
     done = segment_in_pacs(pacs, models.predictor(choice), study_uid, tta=tta, register=register)
     answer = service.study_response(done.result, time.perf_counter() - t0)
     return PacsSegmentResponse(
-        **answer.model_dump(), study_uid=study_uid, seg_series_uid=done.seg_series_uid, model_version=done.version,
+        **answer.model_dump(), study_uid=study_uid, seg_series_uid=done.seg_series_uid,
         stored_at=f"{pacs.url}/studies/{study_uid}/series/{done.seg_series_uid}",
         fetch_ms=done.seconds["fetch"] * 1000, store_ms=done.seconds["store"] * 1000)
