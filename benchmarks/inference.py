@@ -11,6 +11,13 @@ engine's own post-processing, as `brainmets evaluate`); one patient's stack of 8
 the engine end to end on one slice; `brainmets serve` start-up (first /health, cold and warm compiled-model
 cache) and `POST /v1/segment` through a real uvicorn server, one client and then 16 concurrent ones while
 /health is polled. Writes the Markdown report.
+
+Batches and overlap (issue 29 items 2 and 4; alone with `--batching-only`, which prints its section instead of
+writing the report): the batch size each network chose at the precision it runs; `predict_stack` on the 88 slices
+and a 51-slice three-series DICOM study (benchmarks/study.py's) through `POST /v1/segment/study?format=dicom-seg`
+with `best`, each timed against the engine as it was before (every slice preprocessed first, then batches of 16),
+the two interleaved in one run; and `POST /v1/segment` per 256² slice for each network through a real server
+against the network alone on the same slice, timed alternately, the difference being the API's own overhead.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from brainmets.cache import preprocessed
 from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 from brainmets.data import open_dataset
 from brainmets.evaluation import engine_probabilities, report
-from brainmets.inference import Network, Predictor
+from brainmets.inference import Network, Predictor, resize_probability
 from brainmets.metrics import dice
 from brainmets.preprocessing import normalize
 from brainmets.registry import ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir
@@ -130,6 +137,128 @@ def stack_latency(p: Predictor, slices: list[np.ndarray], repeats: int) -> list[
 def engine_latency(p: Predictor, image: np.ndarray, repeats: int) -> list[float]:
     p.predict(image)
     return [p.predict(image).seconds for _ in range(repeats)]
+
+
+@contextlib.contextmanager
+def before_item_2():
+    """The engine's stack path as it was before issue 29 item 2: every slice preprocessed before any inference,
+    then fixed batches of 16 slices (x3 with TTA) whatever the network."""
+    def probabilities(self, images, tta=False):
+        probs = self.model_probabilities(self.preprocess(images), tta)
+        return [resize_probability(p, im.shape[:2]) for p, im in zip(probs, images)]
+
+    with mock.patch.object(Predictor, "probabilities", probabilities), mock.patch.object(Predictor, "chunk", 16), \
+            mock.patch.object(Network, "logits", lambda self, x: self.forward(x)):
+        yield
+
+
+def before_after(run, repeats: int) -> dict[str, list[float]]:
+    """Seconds of `run` with the engine before item 2 and as it is, one of each in turn after a warm-up of each."""
+    arms = {"before": before_item_2, "after": contextlib.nullcontext}
+    times = {arm: [] for arm in arms}
+    for repeat in range(repeats + 1):
+        for arm, engine in arms.items():
+            with engine():
+                t0 = time.perf_counter()
+                run()
+                if repeat:
+                    times[arm].append(time.perf_counter() - t0)
+    return times
+
+
+def study_upload(slices: int = 51) -> tuple[bytes, str]:
+    """benchmarks/study.py's three-grid DICOM study (FLAIR axial, T1 pre oblique axial, T1 post 3-D sagittal) of
+    the reference data's first patient with enough slices (a synthetic head without the data), zipped."""
+    from study import DATA, oblique_axial, patient_slices, regridded_study, sagittal_3d, synthetic_head, to_files, \
+        zip_bytes
+
+    if DATA.is_dir():
+        patient = next(p for p in sorted(DATA.iterdir()) if len(list(p.glob("*_mask.*"))) >= slices)
+        first = max(0, (len(list(patient.glob("*_mask.*"))) - slices) // 2)
+        images, _ = patient_slices(patient, first=first, count=slices)
+        what = f"{patient.name} slices {first}-{first + slices - 1}"
+    else:
+        images, _ = synthetic_head(count=slices)
+        what = "a synthetic head"
+    study = regridded_study(images, {"AX T1 SE PRE": oblique_axial(), "AX T1 SE POST GAD": sagittal_3d()})
+    return zip_bytes(to_files(study.datasets)), what
+
+
+def study_latency(upload: bytes, model: str, threads: int, repeats: int) -> dict[str, list[float]]:
+    """`POST /v1/segment/study?format=dicom-seg` through the app (FastAPI's TestClient), before and after."""
+    from fastapi.testclient import TestClient
+
+    from brainmets.api.main import create_app
+    from brainmets.api.settings import Settings
+
+    with TestClient(create_app(Settings(threads=threads))) as client:
+        def post():
+            client.post("/v1/segment/study", params={"format": "dicom-seg", "model": model},
+                        files={"file": ("study.zip", upload, "application/zip")}).raise_for_status()
+        return before_after(post, repeats)
+
+
+def slice_overhead(url: str, tiff: bytes, image: np.ndarray, threads: int, repeats: int) -> dict[str, dict]:
+    """Per network: `POST /v1/segment` (JSON with both PNGs) through the server, and the same network alone on
+    the same slice preprocessed, in this process, alternately so that both see the same load."""
+    files = {"file": ("slice.tif", tiff, "image/tiff")}
+    out = {}
+    with httpx.Client(timeout=120) as client:
+        for name in SHIPPED:
+            p = Predictor.load(name, threads=threads)
+            x = p.preprocess([image])
+            api, alone = [], []
+            for repeat in range(repeats + 5):  # 5 warm-ups, also waiting for the models still loading
+                t0 = time.perf_counter()
+                client.post(f"{url}/v1/segment", files=files, params={"model": name}).raise_for_status()
+                t1 = time.perf_counter()
+                p.networks[0].forward(x)
+                if repeat >= 5:
+                    api.append(t1 - t0)
+                    alone.append(time.perf_counter() - t1)
+            out[name] = {"api": api, "network": alone}
+    return out
+
+
+def batching(args, stack: list[np.ndarray], tiff: bytes, names: list[str]) -> list[str]:
+    """Issue 29 items 2 and 4 measured: the Markdown section."""
+    from brainmets.cache import cache_root
+
+    lines = ["## Batches and overlap", "",
+             f"Each network's slices per forward pass, measured at first load at the precision it runs (time per "
+             f"slice at each size; `brainmets.precision`), on {machine()}, {args.threads} threads:", ""]
+    for name in SHIPPED:
+        net = Predictor.load(name, threads=args.threads).networks[0]
+        lines.append(f"- {name}: {net.precision}, batch {net.batch} ({net.batch_reason})")
+    lines += ["", f"Before: every slice preprocessed before any inference, then batches of 16; after: the measured "
+              f"batch, the next chunk preprocessed while this one infers. Seconds, median of {args.study_repeats} "
+              "interleaved before/after pairs (after a warm-up of each):", "",
+              "| | before s | after s | before / after |", "|---|---|---|---|"]
+    rows = []
+    for name in names:
+        p = Predictor.load(name, threads=args.threads)
+        print(f"{name}: stack before/after", flush=True)
+        rows.append((f"{len(stack)} slices through `predict_stack`, {name}",
+                     before_after(lambda: p.predict_stack(stack), args.study_repeats)))
+    upload, what = study_upload()
+    print("study: before/after", flush=True)
+    rows.append((f"51-slice three-series DICOM study ({what}) → DICOM SEG, `POST /v1/segment/study`, best "
+                 f"({best_name()})", study_latency(upload, "best", args.threads, args.study_repeats)))
+    for label, t in rows:
+        b, a = statistics.median(t["before"]), statistics.median(t["after"])
+        lines.append(f"| {label} | {b:.2f} | {a:.2f} | {b / a:.2f}x |")
+    if args.no_server:
+        return lines + [""]
+    print("API: overhead per slice", flush=True)
+    with api_server(args.threads, cache_root()) as (url, _):
+        api = slice_overhead(url, tiff, stack[0], args.threads, args.repeats * 2)
+    lines += ["", f"`POST /v1/segment` per 256² slice (TIFF in, JSON with mask and probability PNGs out), real uvicorn "
+              f"server on loopback, one client, against the network alone on the same slice in the client's process, "
+              f"alternately; p50 of {args.repeats * 2}:", "",
+              "| network | API p50 ms | network alone p50 ms | API overhead ms |", "|---|---|---|---|"]
+    for name, t in api.items():
+        lines.append(f"| {name} | {ms(t['api']):.1f} | {ms(t['network']):.1f} | {ms(t['api']) - ms(t['network']):.1f} |")
+    return lines + ["", f"Load average (1 min) at the end: {os.getloadavg()[0]:.1f}.", ""]
 
 
 @contextlib.contextmanager
@@ -249,7 +378,7 @@ def model_section(r: dict) -> list[str]:
                          f"{v['dice_per_patient_mean'] - ref:+.4f} |")
     lines += ["", f"Engine, served setting: one uint8 slice end to end (CLAHE, network, resize back, mask, lesions) "
               f"median {ms(r['engine']):.1f} ms (p95 {ms(r['engine'], 95):.1f}); a patient's stack of "
-              f"{r['stack_slices']} slices through `predict_stack` (batches of 16, 3-D post-processing) median "
+              f"{r['stack_slices']} slices through `predict_stack` (measured batch, 3-D post-processing) median "
               f"{ms(r['stack']) / 1000:.2f} s.", ""]
     return lines
 
@@ -270,7 +399,7 @@ def precision_section(results: list[dict]) -> list[str]:
 
 
 def write_report(out: Path, results: list[dict], api: dict | None, start: dict, imports: tuple, args,
-                 load: tuple[float, float]) -> None:
+                 load: tuple[float, float], batches: list[str]) -> None:
     command = "python benchmarks/inference.py " + " ".join(sys.argv[1:])
     busy = max(load) > len(os.sched_getaffinity(0))
     by = {r["name"]: r for r in results}
@@ -325,6 +454,7 @@ def write_report(out: Path, results: list[dict], api: dict | None, start: dict, 
                   f"{ms(c, 99):.1f} | {api['throughput']:.1f} req/s | {api['errors']} |", "",
                   f"`GET /health` during the concurrent run: p50 {ms(api['health']):.1f} ms, max "
                   f"{max(api['health']) * 1000:.1f} ms over {len(api['health'])} polls.", ""]
+    lines += batches
     lines += ["## Settings", "",
               "- *PyTorch eager fp32*: the model as trained, `torch.inference_mode()`: the reference.",
               "- *ONNX Runtime fp32*: the ONNX export in ONNX Runtime's CPU provider, every graph optimisation.",
@@ -349,6 +479,9 @@ def main() -> None:
     ap.add_argument("--no-server", action="store_true", help="skip the API measurements")
     ap.add_argument("--no-agreement", action="store_true",
                     help="skip the masks on every test slice (minutes per network on 2 cores)")
+    ap.add_argument("--study-repeats", type=int, default=5, help="before/after pairs of the stack and study timings")
+    ap.add_argument("--batching-only", action="store_true",
+                    help="only the batches-and-overlap section, printed (the report is not written)")
     args = ap.parse_args()
     names = [n for n in SHIPPED if (models_dir() / n / "model.onnx").exists()]
     names += [ENSEMBLE] if len(names) == len(SHIPPED) else []
@@ -358,14 +491,19 @@ def main() -> None:
     arrays = None
     if args.data.is_dir():
         dataset = open_dataset(args.data)
-        arrays = preprocessed(dataset, Predictor.load(names[0], "torch").preprocess_cfg)
-        patient = max(split["test"], key=lambda p: len(arrays.rows(p)))
-        rows = arrays.rows(patient)
+        patient = max(split["test"], key=lambda p: len(dataset.patients.get(p, ())))
         slices = [dataset.read_image(s) for s in dataset.slices if s.patient == patient]
     else:
         rng = np.random.default_rng(0)
         slices = list(rng.integers(0, 256, (88, 256, 256, 3), dtype=np.uint8))
     stack = (slices * (88 // len(slices) + 1))[:88]  # the issue's 88-slice volume, from one real patient
+    ok, tiff = cv2.imencode(".tif", np.ascontiguousarray(stack[0][..., ::-1]))
+    if args.batching_only:
+        print("\n".join(batching(args, stack, tiff.tobytes(), names)))
+        return
+    if args.data.is_dir():
+        arrays = preprocessed(dataset, Predictor.load(names[0], "torch").preprocess_cfg)
+        rows = arrays.rows(patient)
     inputs = {b: normalize(np.stack([cv2.resize(s, (256, 256)) for s in stack[:b]])) for b in BATCHES} if arrays is None \
         else {b: normalize(np.asarray(arrays.images[rows.start:rows.start + b])) for b in BATCHES}
     load_start = os.getloadavg()[0]
@@ -385,9 +523,9 @@ def main() -> None:
         del preds
     api, start = None, {}
     imports = import_check()
+    batches = batching(args, stack, tiff.tobytes(), names)
     if not args.no_server:
         best = best_name()
-        ok, tiff = cv2.imencode(".tif", np.ascontiguousarray(stack[0][..., ::-1]))
         with tempfile.TemporaryDirectory() as cache:
             for label in ("cold compiled-model cache", "warm cache"):
                 with api_server(args.threads, Path(cache)) as (url, seconds):
@@ -396,7 +534,7 @@ def main() -> None:
                         print("API: latency", flush=True)
                         api = {**api_latency(url, best, tiff.tobytes(), args.repeats * 2), "model": best,
                                "threads": args.threads}
-    write_report(args.out, results, api, start, imports, args, (load_start, os.getloadavg()[0]))
+    write_report(args.out, results, api, start, imports, args, (load_start, os.getloadavg()[0]), batches)
     print(f"{args.out} written")
 
 

@@ -139,6 +139,34 @@ def test_a_second_run_skips_what_is_done_and_redoes_what_a_crash_left(tree, tmp_
     assert [r["lesion_px"] for r in rows(out)] == [r["lesion_px"] for r in summary]
 
 
+def test_a_restart_with_another_model_version_redoes_only_what_that_version_did_not_make(tree, tmp_path, pixelwise):
+    """Every ok row names the model version that made its mask (summary.csv's model column, provenance.json);
+    a restart reuses a mask only when its version is this run's: here TTA on changes it."""
+    import json
+
+    out = tmp_path / "out"
+    jobs, _ = find_jobs([tree], out)
+    plain = run_batch(jobs, out, "bright", progress=False, console=quiet())
+    ok = [j for j in jobs if j.file in {r["file"] for r in rows(out) if r["status"] == "ok"}]
+    v_plain = {r["model"] for r in rows(out) if r["status"] == "ok"}
+    assert plain.done == 3 and len(v_plain) == 1
+    assert json.loads((out / PROVENANCE).read_text())["fingerprint"]["tta"] is False
+
+    first = run_batch(ok[:1], out, "bright", tta=True, progress=False, console=quiet())  # killed after one file
+    assert (first.done, first.skipped) == (1, 0)
+    before = {j.mask: identity(out / j.mask) for j in ok}
+    resumed = run_batch(jobs, out, "bright", tta=True, progress=False, console=quiet())
+    assert (resumed.done, resumed.skipped) == (2, 1)  # the two plain masks redone, the TTA one kept
+    assert identity(out / ok[0].mask) == before[ok[0].mask]
+    assert all(identity(out / j.mask) != before[j.mask] for j in ok[1:])
+    made = {r["model"] for r in rows(out) if r["status"] == "ok"}
+    provenance = json.loads((out / PROVENANCE).read_text())
+    assert len(made) == 1 and made != v_plain and provenance["model_version"] in made
+    assert provenance["fingerprint"]["tta"] is True and provenance["masks_by_model_version"] == {made.pop(): 3}
+    again = run_batch(jobs, out, "bright", tta=True, progress=False, console=quiet())
+    assert (again.done, again.skipped) == (0, 3)
+
+
 def test_a_data_zip_is_segmented_in_place_one_study_per_patient_without_its_masks(tmp_path, pixelwise):
     archive = zip_folder(write_dataset(tmp_path / "d", patients=2, slices=3), tmp_path / "Data.zip")
     out = tmp_path / "out"

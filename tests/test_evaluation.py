@@ -15,8 +15,10 @@ from brainmets.inference import Network, Predictor
 
 KEYS = {"patients", "slices", "postprocess", "dice_per_patient_min", "empty_predictions", "dice_per_patient_mean", "dice_per_patient_median", "dice_lesion_slices_mean",
         "dice_pooled", "iou_pooled", "precision_pooled", "recall_pooled", "hd95_px_mean", "lesion_sensitivity",
-        "lesion_fp_per_patient", "per_patient"}
-PER_PATIENT_KEYS = {"id", "slices", "dice", "hd95_px", "predicted_px"}
+        "lesion_fp_per_patient", "per_patient", "lesion_wise_dice_mean", "lesion_wise_hd95_mean",
+        "lesion_wise_hd95_penalty", "lesion_wise_hd95_unit", "lesion_wise_target", "lesion_wise_rules"}
+PER_PATIENT_KEYS = {"id", "slices", "dice", "hd95_px", "predicted_px", "lesion_wise_dice", "lesion_wise_hd95",
+                    "lesions_true", "lesions_found", "lesions_false"}
 HALF = PostprocessConfig(0.5)
 
 
@@ -28,6 +30,8 @@ def case() -> tuple[Arrays, np.ndarray]:
     B (2 slices): no lesion; one predicted pixel -> fp 1, Dice 0, HD95 undefined.
     C (2 slices): two 1-px lesions 5 px apart on slice 0; only the first predicted -> tp 1, fn 1.
        Distances target->prediction are [0, 5], whose 95th percentile is 0.95 * 5 = 4.75.
+    Lesion-wise (BraTS-METS): A's lesion found, Dice 6/7, HD95 1; B one false lesion, Dice 0, HD95 374; C's
+    lesions are of 1 voxel, left out, and its prediction touches one, so is not false: Dice 1, HD95 0.
     """
     masks = np.zeros((7, 8, 8), np.uint8)
     pred = np.zeros((7, 8, 8), bool)
@@ -60,6 +64,9 @@ def test_perfect_prediction():
     assert r["hd95_px_mean"] == 0.0 and r["lesion_fp_per_patient"] == 0.0
     assert [p["dice"] for p in r["per_patient"]] == [1.0, 1.0, 1.0]  # B: nothing there, nothing claimed
     assert [p["hd95_px"] for p in r["per_patient"]] == [0.0, None, 0.0]
+    assert (r["lesion_wise_dice_mean"], r["lesion_wise_hd95_mean"]) == (1.0, 0.0)
+    assert [(p["lesions_true"], p["lesions_found"], p["lesions_false"]) for p in r["per_patient"]] == [
+        (1, 1, 0), (0, 0, 0), (0, 0, 0)]  # C's 1-voxel lesions are left out, as BraTS-METS leaves out <= 2 mm³
 
 
 def test_known_imperfect_prediction():
@@ -87,6 +94,22 @@ def test_known_imperfect_prediction():
     assert (a["lesion_slices"], b["lesion_slices"], c["lesion_slices"]) == (2, 0, 1)
     assert (a["true_px"], a["predicted_px"], a["precision"], a["recall"]) == (8, 6, 1.0, 6 / 8)
     assert (b["true_px"], b["precision"], b["recall"]) == (0, 0.0, None)  # one pixel claimed, none there
+
+
+def test_lesion_wise_scores_by_hand():
+    arrays, probs = case()
+    r = report(arrays, ["A", "B", "C"], probs, HALF)
+    a, b, c = r["per_patient"]
+    assert (a["lesion_wise_dice"], a["lesion_wise_hd95"]) == (pytest.approx(6 / 7), pytest.approx(1.0))
+    assert (b["lesion_wise_dice"], b["lesion_wise_hd95"]) == (0.0, 374.0)  # one false lesion
+    assert (c["lesion_wise_dice"], c["lesion_wise_hd95"]) == (1.0, 0.0)  # nothing scored
+    assert [(p["lesions_true"], p["lesions_found"], p["lesions_false"]) for p in (a, b, c)] == [
+        (1, 1, 0), (0, 0, 1), (0, 0, 0)]
+    assert r["lesion_wise_dice_mean"] == pytest.approx((6 / 7 + 0 + 1) / 3)
+    assert r["lesion_wise_hd95_mean"] == pytest.approx((1 + 374 + 0) / 3)
+    assert (r["lesion_wise_hd95_penalty"], r["lesion_wise_hd95_unit"], r["lesion_wise_target"]) == (
+        374.0, "px", "whole lesion")
+    assert "BraTS-METS 2023" in r["lesion_wise_rules"] and "374" in r["lesion_wise_rules"]
 
 
 def test_threshold_is_applied():

@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import cv2
@@ -22,11 +23,11 @@ from conftest import tiny_config
 from samples import brain, nifti
 
 
-def fake(forward, threshold: float = 0.5, size: int = 64) -> Network:
+def fake(forward, threshold: float = 0.5, size: int = 64, batch: int | None = None) -> Network:
     """A network whose logits are any function of the preprocessed batch (B, 3, S, S)."""
     cfg = dataclasses.replace(tiny_config(), threshold=threshold)
     cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, image_size=size))
-    return Network(cfg, Path("fake.pt"), forward, "fake")
+    return Network(cfg, Path("fake.pt"), forward, "fake", batch=batch and (batch, "test"))
 
 
 def bright(x: np.ndarray) -> np.ndarray:
@@ -260,6 +261,72 @@ def test_a_stack_is_segmented_in_one_pass_with_the_3d_rule():
         predictor.predict_stack([slices[0], slices[1][:32]])
     with pytest.raises(InputError, match="no slices"):
         predictor.predict_stack([])
+
+
+@pytest.mark.parametrize("precision", ["f32", "auto"])
+def test_a_stack_in_batches_gives_the_masks_of_batch_1(models_root, monkeypatch, precision):
+    """The tiny exported attention-unet on OpenVINO at the precision served here: every batch size, with and
+    without TTA (3x the images, split into the network's batches), gives the masks of one slice at a time."""
+    checkpoint = models_root / "attention-unet" / "model.pt"
+    slices = [brain(64, seed)[0] for seed in range(11)]
+    stacks = {}
+    for batch in (1, 4, 16):
+        monkeypatch.setenv("BRAINMETS_BATCH", str(batch))
+        predictor = Predictor([Network.load(checkpoint, "openvino", precision=precision)], "a")
+        assert predictor.chunk == batch
+        stacks[batch] = [predictor.predict_stack(slices, tta) for tta in (False, True)]
+    for batch in (4, 16):
+        for alone, batched in zip(stacks[1], stacks[batch]):
+            np.testing.assert_array_equal(batched.mask, alone.mask)
+            np.testing.assert_allclose(batched.probability, alone.probability, atol=1e-5 if precision == "f32" else 0.02)
+    assert stacks[1][0].mask.any()
+
+
+def test_preprocessing_overlaps_inference_without_changing_results():
+    """Chunks of the ensemble's largest batch (3); each network splits them into its own batches (2 and 3); the
+    next chunk is preprocessed in another thread while this one infers; same probabilities as preprocessing
+    everything first."""
+    slices = [brain(64, seed)[0] for seed in range(8)]
+    seen = {"small": [], "large": []}
+
+    def network(name, batch):
+        return fake(lambda x: seen[name].append(len(x)) or bright(x), batch=batch)
+
+    predictor = Predictor([network("small", 2), network("large", 3)], "ensemble")
+    threads = []
+    preprocess = predictor.preprocess
+    predictor.preprocess = lambda images: threads.append(threading.current_thread().name) or preprocess(images)
+    piped = predictor.probabilities(slices)
+    assert seen == {"small": [2, 1, 2, 1, 2], "large": [3, 3, 2]}
+    assert len(threads) == 3 and threads[0] == threading.current_thread().name
+    assert all(name.startswith("preprocess") for name in threads[1:])
+    first = predictor.model_probabilities(preprocess(slices))
+    np.testing.assert_array_equal(np.stack(piped), first)
+
+
+@pytest.mark.parametrize("bad", [0, 7])
+def test_an_unusable_slice_in_any_chunk_raises_its_input_error(bad):
+    slices = [brain(64, seed)[0] for seed in range(9)]
+    slices[bad] = np.full((64, 64), np.nan, np.float32)
+    calls = []
+    predictor = Predictor([fake(lambda x: calls.append(len(x)) or bright(x), batch=2)], "fake")
+    with pytest.raises(InputError, match="image holds NaN or infinite values"):
+        predictor.predict_stack(slices)
+    assert calls == ([] if bad == 0 else [2, 2, 2])  # the chunks before the bad one were inferred
+
+
+def test_an_inference_error_surfaces_while_the_next_chunk_is_preprocessed():
+    calls = []
+
+    def failing(x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise RuntimeError("the runtime failed")
+        return bright(x)
+
+    with pytest.raises(RuntimeError, match="the runtime failed"):
+        Predictor([fake(failing, batch=2)], "fake").predict_stack([brain(64, seed)[0] for seed in range(6)])
+    assert calls == [2, 2]
 
 
 def test_ensemble_uses_its_validation_tuned_rule_and_can_be_best(models_root, tmp_path, monkeypatch):

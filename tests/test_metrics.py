@@ -85,6 +85,14 @@ def test_hd95_of_points_and_lines():
     assert hd95(v, w) == pytest.approx(np.sqrt(2 ** 2 + 2 ** 2))
 
 
+def test_hd95_in_the_units_of_a_spacing():
+    # the voxels above with slices 3 mm apart and 1 mm pixels: sqrt(6² + 2²) mm
+    v, w = np.zeros((4, 8, 8), bool), np.zeros((4, 8, 8), bool)
+    v[0, 3, 3], w[2, 3, 5] = True, True
+    assert hd95(v, w, spacing=(3.0, 1.0, 1.0)) == pytest.approx(np.sqrt(6 ** 2 + 2 ** 2))
+    assert hd95(v, w, spacing=None) == pytest.approx(np.sqrt(8))
+
+
 def test_hd95_undefined_when_a_side_is_empty():
     empty = np.zeros((40, 40), bool)
     assert hd95(empty, square(1, 1)) is None

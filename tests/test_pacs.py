@@ -126,7 +126,11 @@ def test_segment_stores_a_seg_that_references_the_flair_series_and_reads_back_to
     import highdicom as hd
     from pydicom import dcmread
 
-    from brainmets.pacs import model_version, seg_uids, segment_in_pacs
+    from brainmets.pacs import segment_in_pacs
+    from brainmets.provenance import fingerprint
+    from brainmets.study_results import seg_uids
+
+    version = fingerprint(predictor, register="auto").version
 
     a, b = study(1), study(2)
     upload(orthanc, a, b)
@@ -139,7 +143,7 @@ def test_segment_stores_a_seg_that_references_the_flair_series_and_reads_back_to
     segs = our_segs(orthanc)
     assert list(segs) == [a.study_uid] and len(segs[a.study_uid]) == 1  # b untouched
     series = segs[a.study_uid][0]
-    assert series["MainDicomTags"]["SeriesInstanceUID"] == done.seg_series_uid == seg_uids(a.study_uid, model_version(predictor))[0]
+    assert series["MainDicomTags"]["SeriesInstanceUID"] == done.seg_series_uid == seg_uids(a.study_uid, version)[0]
     [instance] = series["Instances"]
     seg = hd.seg.Segmentation.from_dataset(dcmread(io.BytesIO(orthanc.rest("GET", f"/instances/{instance}/file").content)))
     flair = a.series["AX T2 FLAIR"]
@@ -150,7 +154,7 @@ def test_segment_stores_a_seg_that_references_the_flair_series_and_reads_back_to
     np.testing.assert_array_equal(pixels.astype(bool), done.result.mask)
 
     row = {r.uid: r for r in pacs.studies()}
-    assert row[a.study_uid].has_seg(model_version(predictor)) and not row[b.study_uid].has_seg()
+    assert row[a.study_uid].has_seg(version) and not row[b.study_uid].has_seg()
     assert row[a.study_uid].series == 3  # our SEG is not counted as an image series
 
     segment_in_pacs(pacs, predictor, a.study_uid)  # again: the same instance, kept once
@@ -260,6 +264,32 @@ def test_cli_list_and_segment_print_tables(orthanc, credentials, models_root):
     assert f"SEG stored as series {seg['MainDicomTags']['SeriesInstanceUID']}" in segmented.stderr
     assert "volume mm³" in segmented.stdout  # the lesion table: the tiny model finds lesions in these slices
     assert "attention-unet-" in pacs_cli("list").stdout  # the SEG's model version
+
+
+def test_watch_after_a_retune_segments_each_study_again_exactly_once(orthanc, credentials, models_root, tmp_path):
+    """`make retune` rewrites the ensemble's post-processing (`brainmets select`): a new model version, whose
+    SEG every study gets once, beside the old version's; the same version never segments a study twice."""
+    import dataclasses
+    import json
+    import shutil
+
+    from brainmets.inference import Predictor
+
+    studies = [study(seed, slices=4) for seed in (1, 2, 3)]
+    upload(orthanc, *studies)
+    shutil.copytree(models_root, tmp_path / "models")
+    credentials.setenv("BRAINMETS_MODELS", str(tmp_path / "models"))
+    watch = ("watch", "--url", orthanc.dicomweb_url, "--model", "ensemble", "--once", "--state", tmp_path / "state.json")
+    assert "3 studies segmented, 0 failed" in pacs_cli(*watch).stderr
+    assert "0 studies segmented, 0 failed" in pacs_cli(*watch).stderr
+    post = dataclasses.asdict(Predictor.load("ensemble", threads=1).post)
+    (tmp_path / "models" / "ensemble").mkdir(exist_ok=True)
+    (tmp_path / "models" / "ensemble" / "postprocess.json").write_text(json.dumps({**post, "threshold": 0.3}))
+    assert "3 studies segmented, 0 failed" in pacs_cli(*watch).stderr
+    assert "0 studies segmented, 0 failed" in pacs_cli(*watch).stderr
+    assert seg_counts(orthanc) == {s.study_uid: [1, 1] for s in studies}
+    versions = {tuple(sorted(r.brainmets_segs)) for r in Pacs(orthanc.dicomweb_url).studies()}
+    assert len(versions) == 1 and len(versions.pop()) == 2
 
 
 def test_cli_wrong_credentials_is_one_line_without_the_password(orthanc_with_auth, credentials):

@@ -1,4 +1,5 @@
-"""The precision each network runs in (measured per machine, vetoed by recorded disagreement, forced by a setting)
+"""The precision each network runs in (measured per machine, vetoed by recorded disagreement, forced by a setting),
+the slices per forward pass it takes (measured at that precision, cached in the same entry, forced by a setting)
 and the device it runs on; bad settings are clear errors at start."""
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from brainmets import precision
 from brainmets.cache import preprocessed
 from brainmets.checkpoints import load_hashed_checkpoint
 from brainmets.data import open_dataset
-from brainmets.inference import DEVICE_ENV, Network, pick_device
-from brainmets.precision import AGREEMENT_KEY, PRECISION_ENV, choose, recorded_agreement
+from brainmets.inference import BATCH, DEVICE_ENV, Network, pick_device
+from brainmets.precision import (AGREEMENT_KEY, BATCH_ENV, BATCH_SIZES, PRECISION_ENV, choose, choose_batch,
+                                 recorded_agreement)
 from brainmets.shipping import precision_agreement
 
 
@@ -54,8 +56,25 @@ def test_forced_precision_and_missing_bf16_need_no_measurement():
 
 
 @pytest.fixture
-def model(models_root, tmp_path, monkeypatch):
-    """The tiny exported attention-unet in a folder of its own, with an empty cache: (checkpoint, timing calls)."""
+def batches(monkeypatch):
+    """A fake timing of the batch sizes (ms per slice at each; 4 fastest unless a test says otherwise), and the
+    shapes it was asked to time."""
+    calls = []
+
+    def fake_timing(forward, x):
+        calls.append(x.shape)
+        assert x.shape == (max(BATCH_SIZES), 3, 64, 64)  # enough slices for the largest size, at the input size
+        return dict(timing)
+
+    timing = {1: 3.0, 4: 1.0, 16: 2.0}
+    monkeypatch.setattr(precision, "time_batches", fake_timing)
+    return timing, calls
+
+
+@pytest.fixture
+def model(models_root, tmp_path, monkeypatch, batches):
+    """The tiny exported attention-unet in a folder of its own, with an empty cache and fake timings:
+    (checkpoint, precision timing, precision timing calls); the batch timing is `batches`."""
     folder = tmp_path / "model"
     folder.mkdir()
     for name in ("model.pt", "model.onnx"):
@@ -63,6 +82,7 @@ def model(models_root, tmp_path, monkeypatch):
     monkeypatch.setenv("BRAINMETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(PRECISION_ENV, raising=False)
     monkeypatch.delenv(DEVICE_ENV, raising=False)
+    monkeypatch.delenv(BATCH_ENV, raising=False)
     calls = []
 
     def fake_timing(forwards, x):
@@ -133,6 +153,57 @@ def test_a_forced_precision_wins_over_the_measurement(model, monkeypatch):
     assert (net.precision, net.precision_reason) == ("f32", "forced by BRAINMETS_PRECISION / --precision")
     monkeypatch.setenv(PRECISION_ENV, "f32")
     assert Network.load(checkpoint, "openvino").precision == "f32" and calls == []
+
+
+@pytest.mark.parametrize("fastest", BATCH_SIZES)
+def test_the_fastest_batch_per_slice_is_kept_and_cached(model, batches, fastest):
+    checkpoint, *_ = model
+    timing, calls = batches
+    timing.update({b: 1.0 if b == fastest else 2.0 + b for b in BATCH_SIZES})
+    net = Network.load(checkpoint, "openvino")
+    assert (net.batch, len(calls)) == (fastest, 1)
+    assert net.batch_reason == "measured ms per slice: " + ", ".join(f"{timing[b]:.1f} at {b}" for b in BATCH_SIZES)
+    assert net.summary.endswith(f", batch {fastest} ({net.batch_reason})")
+    timing.update({b: 1.0 if b != fastest else 9.0 for b in BATCH_SIZES})  # a new measurement would pick another
+    again = Network.load(checkpoint, "openvino")
+    assert (again.batch, len(calls)) == (fastest, 1) and again.batch_reason.endswith("(cached)")
+
+
+def test_batch_is_measured_per_precision_in_the_precision_entry(model, batches):
+    checkpoint, timing, calls = model
+    batch_calls = batches[1]
+    if not cpu_bf16():
+        pytest.skip("this CPU has no bf16: OpenVINO runs f32 whatever is asked")
+    Network.load(checkpoint, "openvino")  # auto: f32 measured faster
+    assert (len(calls), len(batch_calls)) == (1, 1)
+    [entry] = (checkpoint.parent.parent / "cache" / "openvino").glob("precision-*.json")
+    assert set(json.loads(entry.read_text())) >= {"ms", "f32_ms_per_slice_by_batch"}
+    Network.load(checkpoint, "openvino", precision="bf16")  # another precision: its own batch measurement
+    assert (len(calls), len(batch_calls)) == (1, 2)
+    stored = json.loads(entry.read_text())
+    assert stored["bf16_ms_per_slice_by_batch"] == stored["f32_ms_per_slice_by_batch"] == {"1": 3.0, "4": 1.0, "16": 2.0}
+    auto = Network.load(checkpoint, "openvino")  # both kept: nothing measured again
+    assert (len(calls), len(batch_calls)) == (1, 2) and "(cached)" in auto.precision_reason + auto.batch_reason
+
+
+def test_a_forced_batch_wins_over_the_measurement_on_any_runtime(model, batches, monkeypatch):
+    checkpoint, *_ = model
+    monkeypatch.setenv(BATCH_ENV, "3")
+    for runtime in ("openvino", "onnxruntime", "torch"):
+        net = Network.load(checkpoint, runtime)
+        assert (net.batch, net.batch_reason) == (3, "forced by BRAINMETS_BATCH")
+    assert batches[1] == []
+    monkeypatch.delenv(BATCH_ENV)
+    assert Network.load(checkpoint, "onnxruntime").batch == BATCH  # a runtime that does not measure: the default
+    assert choose_batch(None, BATCH) == (BATCH, "not measured for this runtime")
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "four", "2.5"])
+def test_a_bad_forced_batch_is_a_clear_error(model, monkeypatch, value):
+    checkpoint, *_ = model
+    monkeypatch.setenv(BATCH_ENV, value)
+    with pytest.raises(ValueError, match=rf"batch '{value}' \(BRAINMETS_BATCH\): expected a positive number"):
+        Network.load(checkpoint, "openvino")
 
 
 def test_unknown_settings_are_clear_errors(model, monkeypatch):

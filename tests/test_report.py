@@ -13,7 +13,8 @@ from brainmets.checkpoints import load_checkpoint
 from brainmets.cli import app
 from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.data import open_dataset
-from brainmets.report import METRICS, Run, curve_label, failure_line, results_table
+from brainmets.report import (LESION_WISE, METRICS, Run, curve_label, failure_line, metric_columns,
+                               results_table)
 from brainmets.shipping import ship, write_model_card
 
 
@@ -99,8 +100,9 @@ def test_compare_regenerates_results(shipped, dataset_folder, tmp_path, monkeypa
     result = CliRunner().invoke(app, ["compare", "--data", str(dataset_folder), "--docs", str(docs)])
     assert result.exit_code == 0, result.output
     text = (docs / "results.md").read_text()
-    for _, title in METRICS:
+    for _, title in METRICS + LESION_WISE:  # the runs were evaluated now: they carry the lesion-wise scores
         assert title in text
+    assert "HD95 374 (mm in the challenge, applied here in pixels" in text
     rows = [line for line in text.splitlines() if re.match(r"\| (\*\*)?(attention-unet|unetpp)\b", line)]
     assert len(rows) == 2 + 2  # the results table, then the selection table (`best` in bold)
     assert "Choosing `best`, on validation only" in text and (docs / "results-thresholds.png").stat().st_size > 5000
@@ -140,3 +142,45 @@ def test_a_worst_patient_line_says_what_kind_of_miss_it_was(precision, recall, k
     assert f"precision {precision:.2f}, recall {recall:.2f}: {kind})" in line
     old = {k: v for k, v in row.items() if k not in ("true_px", "precision", "recall")}  # an older report
     assert "2,881 voxels predicted; 1 of 1 lesions touched" in failure_line(old)
+
+
+def test_lesion_wise_columns_only_where_a_report_carries_them(shipped):
+    old = {k: v for k, v in json.loads((shipped / "unetpp" / "metrics.json").read_text()).items()
+           if not k.startswith("lesion_wise")}  # a model shipped before evaluate computed them
+    assert metric_columns([old]) == METRICS
+    new = {**old, "lesion_wise_dice_mean": 0.25, "lesion_wise_hd95_mean": 120.5}
+    assert metric_columns([old, new]) == METRICS + LESION_WISE
+    run = Run.load("unetpp", shipped / "unetpp")
+    table = results_table([dataclasses.replace(run, metrics=old)])
+    assert "lesion-wise Dice" not in table
+    table = results_table([dataclasses.replace(run, metrics=old, label="before"),
+                           dataclasses.replace(run, metrics=new, label="after")])
+    header, _, before, after = table.splitlines()[:4]
+    assert header.split(" | ")[-6:-4] == ["lesion-wise Dice", "lesion-wise HD95 px"]
+    assert before.split(" | ")[-6:-4] == ["–", "–"] and after.split(" | ")[-6:-4] == ["0.250", "120.500"]
+
+
+def test_a_worst_patient_line_gives_the_lesion_wise_scores_when_the_report_has_them():
+    row = {"id": "P", "dice": 0.6, "slices": 20, "lesion_slices": 5, "predicted_px": 2881, "lesions": 3,
+           "detected": 2, "false_positives": 1}
+    assert "Lesion-wise" not in failure_line(row)
+    row |= {"lesion_wise_dice": 0.4, "lesion_wise_hd95": 150.25, "lesions_true": 3, "lesions_found": 2,
+            "lesions_false": 1}
+    assert failure_line(row).endswith(" Lesion-wise (BraTS-METS): Dice 0.400, HD95 150.2 px; 2 of 3 lesions found, "
+                                      "1 false.")
+
+
+def test_the_page_shows_the_lesion_wise_scores_where_the_metrics_carry_them():
+    from brainmets.app import about, compare
+
+    old = {"patients": 4, "dice_per_patient_mean": 0.7}
+    new = {**old, "lesion_wise_dice_mean": 0.5, "lesion_wise_hd95_mean": 42.25}
+    columns = metric_columns([old, new])
+    assert compare.metrics_row("a", old, columns)["lesion-wise Dice"] is None
+    assert compare.metrics_row("b", new, columns)["lesion-wise HD95 px"] == 42.25
+    assert "lesion-wise Dice" not in compare.metrics_row("a", old)  # no model carries them: no column
+    models = [{"name": "unetpp", "metrics": new}, {"name": "attention-unet", "metrics": old}]
+    assert about.lesion_wise(models) == ("U-Net++: lesion-wise Dice 0.500, HD95 42.2 px on its test patients; "
+                                         "Attention U-Net: not in its metrics.json yet (shipped before `brainmets "
+                                         "evaluate` computed them).")
+    assert about.lesion_wise([]) == "" and "when the API answers" in about.lesion_wise(None)

@@ -12,11 +12,13 @@ import zipfile
 import highdicom as hd
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from conftest import api_client, synthetic_slice
 from dicom_studies import SEQUENCES, mr_slice, mr_study, patient_slices, to_bytes, to_files, zip_bytes
 from samples import brain, encode, nifti
 
+from brainmets.checkpoints import file_sha256
 from brainmets.inference import Predictor
 from brainmets.inputs.study import study_from_datasets, study_from_upload
 from brainmets.study_results import StudyResult, find_lesions_3d, segment_study
@@ -83,7 +85,7 @@ def test_the_nifti_mask_lies_on_the_dicom_grid(study):
 def test_the_dicom_seg_reads_back_as_the_mask(study, empty, tmp_path):
     result = fixed_result(study, np.zeros((6, SIZE, SIZE), bool) if empty else None)
     seg = hd.seg.segread(io.BytesIO(result.dicom_seg()))
-    assert seg.SegmentationType == "BINARY" and seg.SeriesDescription == "brainmets unetpp lesions"
+    assert seg.SegmentationType == "BINARY" and seg.SeriesDescription == "brainmets lesions unetpp"
     (segment,) = seg.SegmentSequence
     assert segment.SegmentLabel == "lesion"
     assert segment.SegmentAlgorithmName == "brainmets unetpp" and segment.SegmentAlgorithmType == "AUTOMATIC"
@@ -161,6 +163,32 @@ def test_the_study_comes_back_as_seg_or_nifti(client, study):
     assert r.status_code == 200 and "study_mask.nii.gz" in r.headers["content-disposition"]
     volume = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj)
     np.testing.assert_array_equal(volume.transpose(2, 1, 0) > 0, mask)
+
+
+def test_answers_carry_the_model_version_and_the_seg_s_uids_derive_from_it(client, study, models_root):
+    data = zip_bytes(to_files(study.datasets))
+    body = post_study(client, data).json()
+    version, parts = body["model_version"], body["model_provenance"]
+    assert version.startswith("attention-unet-") and parts["version"] == version and parts["digest"][:12] in version
+    assert parts["tta"] is False and parts["register"] == "auto" and parts["post"]["threshold"] > 0
+    assert [n["sha256"] for n in parts["networks"]] == [file_sha256(models_root / "attention-unet" / "model.pt")]
+    segs = [post_study(client, data, format="dicom-seg", **extra) for extra in ({}, {}, {"tta": "true"})]
+    assert segs[0].headers["x-model-version"] == version != segs[2].headers["x-model-version"]
+    uids = [(d.SeriesInstanceUID, d.SOPInstanceUID, d.SeriesDescription)
+            for d in (pydicom.dcmread(io.BytesIO(r.content)) for r in segs)]
+    assert uids[0] == uids[1] and uids[0][2] == f"brainmets lesions {version}"
+    assert uids[2][0] != uids[0][0] and uids[2][1] != uids[0][1]
+
+
+def test_an_impossible_format_is_refused_before_the_model_is_looked_for(models_root, tmp_path, monkeypatch):
+    """A SEG of a NIfTI upload is refused (422) on a server without the model asked for, where running the
+    engine would have answered 404: the format is checked before any inference."""
+    shutil.copytree(models_root / "attention-unet", tmp_path / "attention-unet")
+    volume = nifti((np.ones((20, 24, 3)) * np.arange(3)).astype(np.int16), np.diag([0.9, 0.8, 3.0, 1]))
+    for c in api_client(tmp_path, threads=1, preload=False):
+        r = post_study(c, volume, "v.nii.gz", model="unetpp", format="dicom-seg")
+        assert r.status_code == 422 and "a DICOM SEG needs DICOM input" in r.json()["detail"]
+        assert post_study(c, volume, "v.nii.gz", model="unetpp").status_code == 404
 
 
 def test_channels_can_be_assigned_in_the_query(client, study):

@@ -299,7 +299,7 @@ def _refuse_clashes(jobs: list[Job]) -> list[Job]:
             if job.mask and len(owners[job.mask]) > 1 else job for job in jobs]
 
 
-def run_batch(jobs: list[Job], out: Path, model: str, workers: int = 1, tta: bool = False, runtime: str = "auto",
+def run_batch(jobs: list[Job], out: Path, model: str, workers: int | None = 1, tta: bool = False, runtime: str = "auto",
               progress: bool = True, console: Console | None = None, lesion_mode: str | None = None,
               register: str = "auto", ray: str | None = None) -> Summary:
     """Segment the jobs not done yet with this model version into `out`; write `out/summary.csv` and
@@ -484,9 +484,15 @@ def _failed(row: dict, e: Exception) -> dict:
             "inference_ms": "", "status": "error", "error": str(e) if expected else f"{type(e).__name__}: {e}"}
 
 
-def job_keys(job: Job) -> list[str]:
-    """What a job reads: a study's or volume's files, or its one slice."""
-    return [key for key, _ in job.members] or [job.key]
+def job_inputs(job: Job) -> dict[str, bytes]:
+    """What a job reads (a study's or volume's files, or its one slice) by key: sent with the job to a worker
+    that cannot see the inputs."""
+    source = _source(job.source)
+    return {key: source.read(key) for key in [key for key, _ in job.members] or [job.key]}
+
+
+def failed_row(job: Job, e: Exception) -> dict:
+    return _failed(_row(job), e)
 
 
 def _segment_study(predictor: Predictor, job: Job, read: Callable[[str], bytes], tta: bool,

@@ -288,10 +288,11 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Folders (walked at any depth), Data.zip archives or files: slices (PNG, JPEG, TIFF, WebP, DICOM) and NIfTI volumes (.nii, .nii.gz), told apart by their content; NIfTI case folders, a sequence per file, named as BraTS (<case>-t2f, <case>_flair, ...) or nnU-Net (<CASE>_0000, ...) do. In folders, <name>_mask.<ext> ground truth is passed over; case label files (-seg, _seg, labelsTr/) are never segmented.")],
     model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)] = "best",
     out: Annotated[Path, typer.Option(help="Folder for the masks, mirroring the inputs' tree: <name>.png (0/255, the input's size) per slice, <name>_mask.nii.gz (the input's grid) and <name>_lesions.csv per volume; per study (the DICOM files of one study, in one folder or one per series; one patient's numbered slices <patient>_<n>.tif in a folder; a NIfTI case, named <case>) <folder>_mask.nii.gz (on the FLAIR file's grid for a case), <folder>_lesions.csv (3-D lesions) and <folder>.seg.dcm (DICOM input); and summary.csv.")] = Path("predictions"),
-    workers: Annotated[int, typer.Option(min=1, help="Processes, each with its own model and cores/N threads; 1 runs in this process with every core.")] = 1,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Processes, each with its own model and cores/N threads; 1 (the default) runs in this process with every core. With --ray: Ray workers (actors), each loading the model once; default one per CPU of the cluster.")] = None,
     tta: Annotated[bool, typer.Option(help="Average over horizontal and vertical flips (3x the time).")] = False,
     lesion_mode: Annotated[Optional[LesionMode], typer.Option(help="Studies and volumes: single keeps the strongest 3-D lesion, multiple every one (default: the model's, chosen on validation).")] = None,
     register: RegisterOpt = Register.auto,
+    ray: Annotated[Optional[str], typer.Option(metavar="ADDRESS", help="Run the jobs on a Ray cluster: HOST:PORT of its head node (`ray start --head`), ray://HOST:PORT, auto (RAY_ADDRESS or this machine's cluster), or local (one started on this machine for the run). The driver reads the inputs and writes --out; the nodes need brainmets and the models.")] = None,
     channels: Annotated[Optional[str], typer.Option(help="nnU-Net case folders with no dataset.json beside them or one level up: the channel order of <CASE>_0000, _0001, ..., comma-separated, e.g. FLAIR,T1,T1Gd,T2.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     device: DeviceOpt = None,
@@ -303,7 +304,7 @@ def predict(
     device_for_this_process(device)
     jobs, passed = find_jobs(inputs, out, channels and [name.strip() for name in channels.split(",")])
     summary = run_batch(jobs, out, model, workers, tta, progress=progress, console=console,
-                        lesion_mode=lesion_mode and lesion_mode.value, register=register.value)
+                        lesion_mode=lesion_mode and lesion_mode.value, register=register.value, ray=ray)
     for line in report(summary, passed, out):
         console.print(escape(line), soft_wrap=True)
     if summary.failed:

@@ -2,7 +2,8 @@
 
 The headline, as in Buda et al. (2019) on this dataset, is the mean per-patient Dice: each patient's
 slices stacked into a volume and scored in 3-D. Also reported: Dice over the slices that hold a lesion
-(2-D), pooled counts over every pixel, HD95 and lesion-wise detection. Empty cases: see metrics.py.
+(2-D), pooled counts over every pixel, HD95, lesion-wise detection, and the BraTS-METS lesion-wise Dice and
+HD95 (lesionwise.py) of the whole lesion. Empty cases: see metrics.py and lesionwise.py.
 
 `evaluate` runs the inference engine (`brainmets.inference.Predictor`: same runtime, precision, threshold
 and post-processing as the API) on the cached preprocessed slices, so a model card describes what is served.
@@ -20,6 +21,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from brainmets import lesionwise
 from brainmets.cache import Arrays
 from brainmets.config import LESION_MODES, PostprocessConfig
 from brainmets.metrics import Counts, counts, detection, hd95
@@ -91,6 +93,24 @@ def _truths(arrays: Arrays, patients: list[str]) -> list[np.ndarray]:
     return [np.asarray(arrays.masks[r.start:r.stop]).astype(bool) for r in map(arrays.rows, patients)]
 
 
+LESION_WISE_RULES = (
+    "BraTS-METS 2023 lesion-wise rules (brainmets.lesionwise): 26-connected lesions; ground-truth lesions "
+    f"dilated {lesionwise.DILATION} voxel (18-connected) to merge close ones and to match the predicted "
+    "components overlapping the dilation; per lesion Dice and HD95 against the union of its match; a missed or a false lesion scores "
+    f"Dice 0 and HD95 {lesionwise.HD95_PENALTY:g} (the BraTS-METS 2023 penalty, in mm there); ground-truth "
+    f"lesions of {lesionwise.SMALLEST} voxels or fewer left out; a case with no lesion and nothing predicted "
+    "scores Dice 1 and HD95 0. Scored on the whole lesion (every non-zero label: the masks are binary). HD95 is "
+    "MONAI's, as hd95_px, in voxels: the data carries no spacing, so the penalty is applied as "
+    f"{lesionwise.HD95_PENALTY:g} voxels (at 256 px over a ~24 cm field a pixel is ~1 mm in-plane; slices are "
+    "thicker).")
+
+
+def _lesion_wise_row(pred: np.ndarray, target: np.ndarray) -> dict[str, Any]:
+    lw = lesionwise.lesion_wise_groups(pred, target, lesionwise.WHOLE_LESION)["whole lesion"]
+    return {"lesion_wise_dice": lw.dice, "lesion_wise_hd95": lw.hd95, "lesions_true": lw.lesions_true,
+            "lesions_found": lw.lesions_found, "lesions_false": lw.lesions_false}
+
+
 def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, post: PostprocessConfig) -> dict[str, Any]:
     """Every metric of the evaluation report; `probabilities` rows follow `patients`' rows in order. Each
     patient's masks come from `postprocessing.mask_stack`, the engine's rule for a patient's stack."""
@@ -109,7 +129,8 @@ def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, post:
         per_patient.append({"id": patient, "slices": len(target), "lesion_slices": int(target.any(axis=(1, 2)).sum()),
                             "dice": c.dice, "iou": c.iou, "hd95_px": hd95(pred, target), "predicted_px": int(pred.sum()),
                             "true_px": int(target.sum()), "precision": c.precision, "recall": c.recall,
-                            "lesions": det.lesions, "detected": det.detected, "false_positives": det.false_positives})
+                            "lesions": det.lesions, "detected": det.detected, "false_positives": det.false_positives,
+                            **_lesion_wise_row(pred, target)})
     if offset != len(probabilities):
         raise ValueError(f"{len(probabilities)} probability maps for {offset} slices")
     dices = [p["dice"] for p in per_patient]
@@ -131,6 +152,12 @@ def report(arrays: Arrays, patients: list[str], probabilities: np.ndarray, post:
         "hd95_px_mean": _mean([p["hd95_px"] for p in per_patient]),
         "lesion_sensitivity": detected / lesions if lesions else None,
         "lesion_fp_per_patient": false_positives / len(patients),
+        "lesion_wise_dice_mean": statistics.fmean(p["lesion_wise_dice"] for p in per_patient),
+        "lesion_wise_hd95_mean": statistics.fmean(p["lesion_wise_hd95"] for p in per_patient),
+        "lesion_wise_hd95_penalty": lesionwise.HD95_PENALTY,
+        "lesion_wise_hd95_unit": "px",
+        "lesion_wise_target": "whole lesion",
+        "lesion_wise_rules": LESION_WISE_RULES,
         "per_patient": per_patient,
     }
 

@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from scipy.special import expit
 from brainmets.checkpoints import load_hashed_checkpoint, model_from_checkpoint
 from brainmets.config import PostprocessConfig, TrainConfig
 from brainmets.postprocessing import mask_slice, mask_stack
-from brainmets.precision import choose, recorded_agreement, requested_precision, speed
+from brainmets.precision import (batch_speed, choose, choose_batch, recorded_agreement, requested_batch,
+                                 requested_precision, speed)
 from brainmets.preprocessing import preprocess
 from brainmets.registry import model, tuned_post
 
@@ -43,7 +45,9 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
 DEVICES = ("auto", "cpu", "cuda")  # auto: a CUDA GPU where PyTorch sees one, else the CPU
 DEVICE_ENV = "BRAINMETS_DEVICE"
-BATCH = 16  # slices per forward pass (x3 with TTA): fewer calls for stacks, ~100 MB of activations at 256²
+# Images per forward pass where the runtime does not measure its own (ONNX Runtime, PyTorch): ~100 MB of
+# activations at 256²; OpenVINO measures (`brainmets.precision.BATCH_SIZES`), $BRAINMETS_BATCH forces.
+BATCH = 16
 ONNX_SHA_KEY = "checkpoint_sha256"  # ONNX metadata: the checkpoint the file was exported from
 
 
@@ -153,15 +157,17 @@ class Network:
 
     def __init__(self, cfg: TrainConfig, checkpoint: Path, forward: Callable[[np.ndarray], np.ndarray],
                  runtime: str, precision: str = "f32", precision_reason: str = "the runtime runs f32",
-                 sha256: str = ""):
+                 sha256: str = "", batch: tuple[int, str] | None = None):
         self.cfg, self.checkpoint, self.forward = cfg, checkpoint, forward
         self.runtime, self.precision, self.precision_reason = runtime, precision, precision_reason
         self.sha256 = sha256  # of the checkpoint bytes loaded: what `brainmets.provenance` names the weights by
+        # images per forward pass, and why: measured (OpenVINO), else $BRAINMETS_BATCH, else BATCH
+        self.batch, self.batch_reason = batch or choose_batch(requested_batch(), BATCH)
 
     @property
     def summary(self) -> str:
         """What runs and why, in a few words: 'openvino bf16 (measured: bf16 1.70x faster than f32 on ...)'."""
-        return f"{self.runtime} {self.precision} ({self.precision_reason})"
+        return f"{self.runtime} {self.precision} ({self.precision_reason}), batch {self.batch} ({self.batch_reason})"
 
     @classmethod
     def load(cls, checkpoint: Path, runtime: str = "auto", threads: int = 0, precision: str | None = None,
@@ -199,7 +205,10 @@ class Network:
             else:
                 compiled, used, reason = openvino_model(onnx_path, cfg.preprocess.image_size, sha256, threads,
                                                         precision, recorded_agreement(checkpoint, sha256))
-                return cls(cfg, checkpoint, openvino_forward(compiled), "openvino", used, reason, sha256)
+                forward = openvino_forward(compiled)
+                batch = choose_batch(requested_batch(), BATCH, lambda: batch_speed(
+                    sha256, threads, used, forward, cfg.preprocess.image_size))
+                return cls(cfg, checkpoint, forward, "openvino", used, reason, sha256, batch)
         model, cfg = model_from_checkpoint(ckpt)
         if threads:
             torch.set_num_threads(threads)
@@ -210,6 +219,12 @@ class Network:
         """One forward pass, so kernel selection and allocations are not paid by the first request."""
         size = self.cfg.preprocess.image_size
         self.forward(np.zeros((1, 3, size, size), np.float32))
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """`forward` on any number of images, `batch` at a time."""
+        if len(x) <= self.batch:
+            return self.forward(x)
+        return np.concatenate([self.forward(x[i:i + self.batch]) for i in range(0, len(x), self.batch)])
 
 
 @dataclass(frozen=True)
@@ -287,6 +302,9 @@ class VolumePrediction:
 
 
 def encode_png(array: np.ndarray) -> bytes:
+    # OpenCV's default is already its fastest: zlib level 1 with the RLE strategy. Asking for a level (1 or 3)
+    # switches to zlib's default strategy and measured 2-3x slower on a 256² probability map (0.66 ms against
+    # 1.3 / 2.1 ms, OpenCV 4.14), for a file 15-20% smaller.
     ok, buf = cv2.imencode(".png", array)
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {array.shape} {array.dtype} array as PNG")
@@ -348,26 +366,45 @@ class Predictor:
         except ValueError as e:
             raise InputError(str(e)) from e
 
+    @property
+    def chunk(self) -> int:
+        """Slices preprocessed and inferred together: the networks' largest batch; each network splits a chunk
+        (three times as many images with TTA) into its own batches."""
+        return max(net.batch for net in self.networks)
+
     def model_probabilities(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
         """float32 (N, S, S) for preprocessed (N, 3, S, S), averaged over the networks. `tta` averages each
         slice with its horizontal and vertical flips (the flips of the training augmentation), at 3x the cost."""
         out = np.empty((len(x), *x.shape[2:]), np.float32)
-        for start in range(0, len(x), BATCH):
-            batch = x[start:start + BATCH]
+        for start in range(0, len(x), self.chunk):
+            batch = x[start:start + self.chunk]
             n = len(batch)
             if tta:
                 batch = np.concatenate([batch, batch[..., ::-1], batch[..., ::-1, :]])
             batch = np.ascontiguousarray(batch)
-            p = sum(expit(net.forward(batch)[:, 0]) for net in self.networks) / len(self.networks)
+            p = sum(expit(net.logits(batch)[:, 0]) for net in self.networks) / len(self.networks)
             if tta:
                 p = (p[:n] + p[n:2 * n, :, ::-1] + p[2 * n:, ::-1, :]) / 3
             out[start:start + n] = p
         return out
 
     def probabilities(self, images: Sequence[np.ndarray], tta: bool = False) -> list[np.ndarray]:
-        """float32 (H, W) per image, each at its own size."""
-        probs = self.model_probabilities(self.preprocess(images), tta)
-        return [resize_probability(p, im.shape[:2]) for p, im in zip(probs, images)]
+        """float32 (H, W) per image, each at its own size, a chunk at a time: the next chunk is preprocessed in a
+        thread while the networks infer on this one (OpenVINO, PyTorch and OpenCV's CLAHE release the GIL), so
+        preprocessing no longer precedes inference. An unusable image raises its InputError when its chunk's
+        turn comes."""
+        if not len(images):
+            return []
+        chunks = [images[i:i + self.chunk] for i in range(0, len(images), self.chunk)]
+        out: list[np.ndarray] = []
+        x = self.preprocess(chunks[0])
+        with ThreadPoolExecutor(1, thread_name_prefix="preprocess") as ahead:  # its thread starts on first submit
+            for k, chunk in enumerate(chunks):
+                following = ahead.submit(self.preprocess, chunks[k + 1]) if k + 1 < len(chunks) else None
+                out += [resize_probability(p, im.shape[:2]) for p, im in zip(self.model_probabilities(x, tta), chunk)]
+                if following is not None:
+                    x = following.result()
+        return out
 
     def scale(self, shape: tuple[int, ...]) -> float:
         """Pixels of an input slice per pixel of the network's input: post-processing sizes scale with it."""
@@ -383,7 +420,7 @@ class Predictor:
         return Prediction(prob, mask, find_lesions(prob, mask, spacing), spacing, time.perf_counter() - t0)
 
     def predict_stack(self, slices: Sequence[np.ndarray], tta: bool = False) -> StackPrediction:
-        """A patient's slices in anatomical order, all of one size: one batched pass, then the 3-D rule."""
+        """A patient's slices in anatomical order, all of one size: batched passes, then the 3-D rule."""
         t0 = time.perf_counter()
         if not slices:
             raise InputError("no slices to segment")

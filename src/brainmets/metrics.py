@@ -5,11 +5,13 @@ Empty cases, written down once: where prediction and ground truth are both empty
 both are non-empty and is then None; means over patients skip it. A lesion is a connected component
 (full connectivity: in a volume, touching across slices counts); a ground-truth lesion is detected
 when any predicted pixel overlaps it; a predicted component overlapping no lesion is a false positive.
+The BraTS-METS lesion-wise Dice and HD95, whose lesions are matched a voxel apart, are in lesionwise.py.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,15 +64,18 @@ def iou(pred: np.ndarray, target: np.ndarray) -> float:
     return counts(pred, target).iou
 
 
-def hd95(pred: np.ndarray, target: np.ndarray) -> float | None:
-    """95th-percentile symmetric Hausdorff distance in pixels (MONAI); None if either side is empty."""
+def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float | None:
+    """95th-percentile symmetric Hausdorff distance (MONAI: the larger of the two directed 95th percentiles of
+    edge-to-edge distances), in pixels, or in the units of `spacing` (one per axis) when given; None if either
+    side is empty."""
     pred, target = np.asarray(pred, bool), np.asarray(target, bool)
     if not pred.any() or not target.any():
         return None
     as_tensor = lambda a: torch.from_numpy(a)[None, None]  # noqa: E731 - (B, C, spatial...) for MONAI
     with warnings.catch_warnings():  # MONAI warns about its own deprecated internal argument
         warnings.simplefilter("ignore", FutureWarning)
-        return float(compute_hausdorff_distance(as_tensor(pred), as_tensor(target), percentile=95)[0, 0])
+        return float(compute_hausdorff_distance(as_tensor(pred), as_tensor(target), percentile=95,
+                                                spacing=None if spacing is None else list(spacing))[0, 0])
 
 
 @dataclass(frozen=True)

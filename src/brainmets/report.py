@@ -32,6 +32,20 @@ METRICS = [  # (key in the evaluation report, column title)
     ("lesion_sensitivity", "lesion sensitivity"),
     ("lesion_fp_per_patient", "FP lesions / patient"),
 ]
+LESION_WISE = [  # BraTS-METS 2023 lesion-wise scores: in reports from `evaluate` since they were added
+    ("lesion_wise_dice_mean", "lesion-wise Dice"),
+    ("lesion_wise_hd95_mean", "lesion-wise HD95 px"),
+]
+LESION_WISE_NOTE = ("Lesion-wise Dice and HD95 are the BraTS-METS 2023 ranking metrics (brainmets.lesionwise): each "
+                    "true lesion scored against the predicted components touching it, a missed or a false lesion "
+                    "scoring Dice 0 and HD95 374 (mm in the challenge, applied here in pixels: the reference data "
+                    "carries no spacing), averaged per patient, then over patients.")
+
+
+def metric_columns(metrics: list[dict]) -> list[tuple[str, str]]:
+    """The table's metrics: every one of METRICS, and the lesion-wise ones where any report carries them
+    (models shipped before `evaluate` computed them lack them until they are evaluated again)."""
+    return METRICS + [(k, t) for k, t in LESION_WISE if any(m.get(k) is not None for m in metrics)]
 
 
 @dataclass
@@ -86,11 +100,12 @@ def _fmt(value) -> str:
 
 
 def results_table(runs: list[Run]) -> str:
-    head = ["model", "recipe", *[title for _, title in METRICS], "epochs", "train min", "train img/s", "of idle"]
+    columns = metric_columns([r.metrics for r in runs])
+    head = ["model", "recipe", *[title for _, title in columns], "epochs", "train min", "train img/s", "of idle"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         recipe = r.config.recipe + (", fine-tuned" if r.config.init_from else "")
-        cells = [r.label, recipe, *[_fmt(r.metrics.get(k)) for k, _ in METRICS], str(len(r.log)),
+        cells = [r.label, recipe, *[_fmt(r.metrics.get(k)) for k, _ in columns], str(len(r.log)),
                  f"{r.train_minutes:.0f}", f"{r.images_per_s:.1f}",
                  "–" if r.idle_share is None else f"{r.idle_share:.0%}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -223,8 +238,12 @@ def failure_line(p: dict) -> str:
         predicted += f" against {p['true_px']:,} true"
         if p["precision"] is not None and p["recall"] is not None:
             predicted += f" (precision {p['precision']:.2f}, recall {p['recall']:.2f}: {_miss_kind(p)})"
-    return (f"{p['id']}: Dice {p['dice']:.3f}; {p['lesion_slices']} of {p['slices']} slices hold lesion; "
+    line = (f"{p['id']}: Dice {p['dice']:.3f}; {p['lesion_slices']} of {p['slices']} slices hold lesion; "
             f"{predicted}; {found}; {p['false_positives']} predicted components touching no lesion.")
+    if p.get("lesion_wise_dice") is not None:  # reports from before the lesion-wise scores lack them
+        line += (f" Lesion-wise (BraTS-METS): Dice {p['lesion_wise_dice']:.3f}, HD95 {p['lesion_wise_hd95']:.1f} px; "
+                 f"{p['lesions_found']} of {p['lesions_true']} lesions found, {p['lesions_false']} false.")
+    return line
 
 
 def _miss_kind(p: dict) -> str:
@@ -237,6 +256,16 @@ def _miss_kind(p: dict) -> str:
 
 def _worst_three(per_patient: list[dict]) -> list[str]:
     return [f"- {failure_line(p)}" for p in sorted(per_patient, key=lambda p: p["dice"])[:3]]
+
+
+def _lesion_wise_line(runs: list[Run]) -> str:
+    carried = [r.label for r in runs if r.metrics.get("lesion_wise_dice_mean") is not None]
+    if not carried:
+        return ("Lesion-wise (BraTS-METS) Dice and HD95: not in these runs' metrics.json, written before `brainmets "
+                "evaluate` computed them; evaluating a run again adds them.")
+    missing = [r.label for r in runs if r.label not in carried]
+    return LESION_WISE_NOTE + (f" Not in the metrics.json of {', '.join(missing)} (written before `brainmets "
+                               "evaluate` computed them): –." if missing else "")
 
 
 def write_results(runs: list[Run], docs: Path, examples=None, shipped: dict[str, dict] | None = None,
@@ -257,6 +286,8 @@ def write_results(runs: list[Run], docs: Path, examples=None, shipped: dict[str,
         "pixels (≈ mm at this resolution) over patients where both masks are non-empty.",
         "",
         results_table(runs),
+        "",
+        _lesion_wise_line(runs),
         "",
         "![training curves](results-training-curves.png)",
         "",

@@ -39,6 +39,12 @@ prediction over flipped copies of the slice; *ensemble* averages both networks' 
 - **HD95**: the 95th percentile of the distance between the predicted and true outlines, in pixels
   (about 1 mm at this resolution), over patients where both are non-empty.
 - **Lesion sensitivity / false positives per patient**: connected components found or invented.
+- **Lesion-wise Dice and HD95** (BraTS-METS 2023, the metastasis challenge's ranking): each true lesion
+  (26-connected, lesions two voxels apart or closer taken as one) is scored against the predicted components
+  that touch it; a missed lesion and a predicted component touching none score Dice 0 and HD95 374 (mm in the
+  challenge; pixels here, the reference data carrying no spacing); lesions of 2 voxels or fewer are left out;
+  the sum is divided by the true plus false lesions, per patient, then averaged. A patient with nothing to find
+  and nothing claimed scores 1 and 0. On the whole lesion, as the masks are binary. {lesion_wise}
 
 ### Limits
 For research and teaching only: **not a medical device**, not validated for diagnosis or treatment.
@@ -61,9 +67,23 @@ def postprocessing(models: list[dict] | None) -> str:
                      for m in known)
 
 
+def lesion_wise(models: list[dict] | None) -> str:
+    """Each served model's lesion-wise test scores, where its metrics carry them (GET /v1/models)."""
+    if models is None:
+        return "Each model's scores are shown here when the API answers."
+    scored = [m for m in models if (m.get("metrics") or {}).get("lesion_wise_dice_mean") is not None]
+    unscored = [title(m["name"]) for m in models if m not in scored and m.get("metrics")]
+    parts = [f"{title(m['name'])}: lesion-wise Dice {m['metrics']['lesion_wise_dice_mean']:.3f}, HD95 "
+             f"{m['metrics']['lesion_wise_hd95_mean']:.1f} px on its test patients" for m in scored]
+    if unscored:
+        parts.append(f"{', '.join(unscored)}: not in its metrics.json yet (shipped before `brainmets evaluate` "
+                     "computed them)")
+    return ("; ".join(parts) + ".") if parts else ""
+
+
 def render(api: str) -> None:
     try:
         models = models_info(api)
     except ApiError:
         models = None  # the sidebar says why
-    st.markdown(ABOUT.format(postprocessing=postprocessing(models)))
+    st.markdown(ABOUT.format(postprocessing=postprocessing(models), lesion_wise=lesion_wise(models)))

@@ -10,7 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from brainmets.app.client import ApiError, Client
-from brainmets.report import METRICS
+from brainmets.report import LESION_WISE_NOTE, METRICS, metric_columns
 
 IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 TABLE = re.compile(r"(^\|.*\|[ \t]*(\n|$))+", re.MULTILINE)  # a Markdown table: consecutive |...| lines
@@ -22,25 +22,31 @@ def models_info(api: str) -> list[dict]:
     return Client(api).models()
 
 
-def metrics_row(label: str, metrics: dict) -> dict:
+def metrics_row(label: str, metrics: dict, columns: list[tuple[str, str]] = METRICS) -> dict:
     return {"model": label, "test patients": metrics.get("patients"),
-            **{title: metrics.get(key) for key, title in METRICS}}
+            **{title: metrics.get(key) for key, title in columns}}
 
 
 def render(api: str, docs: Path) -> None:
     st.subheader("Test metrics")
-    rows = []
+    shown = []  # (label, metrics)
     try:
-        rows = [metrics_row(m["name"], m["metrics"]) for m in models_info(api) if m.get("metrics")]
+        shown = [(m["name"], m["metrics"]) for m in models_info(api) if m.get("metrics")]
     except ApiError as e:
         st.error(str(e))
     seed = docs / "seed-recipe" / "metrics.json"
     if seed.exists():  # the seed's recipe (Adam, BCE, 50 epochs, whole slices), trained for comparison
-        rows.append(metrics_row("seed recipe", json.loads(seed.read_text())))
+        shown.append(("seed recipe", json.loads(seed.read_text())))
+    # the lesion-wise columns only where a model's metrics carry them (shipped before: evaluate again to add them)
+    columns = metric_columns([m for _, m in shown])
+    rows = [metrics_row(label, m, columns) for label, m in shown]
     if rows:
         st.dataframe(rows, hide_index=True, key="metrics-table",
-                     column_config={title: st.column_config.NumberColumn(format="%.3f") for _, title in METRICS})
-        st.caption("Each model on the test patients of its own split. The About view explains the metrics.")
+                     column_config={title: st.column_config.NumberColumn(format="%.3f") for _, title in columns})
+        caption = "Each model on the test patients of its own split. The About view explains the metrics."
+        if len(columns) > len(METRICS):
+            caption += " " + LESION_WISE_NOTE + " A model whose metrics.json predates them shows none."
+        st.caption(caption)
     else:
         st.info("No model metrics yet: a shipped model carries them in models/<name>/metrics.json.")
     show_report(docs)

@@ -57,7 +57,8 @@ def show(answer: dict) -> None:
                 help=f"{answer['lesion_voxels']:,} voxels")
     seconds.metric("Time", f"{answer['total_ms'] / 1000:.1f} s",
                    help=f"fetch {answer['fetch_ms']:.0f} ms, engine {answer['inference_ms']:.0f} ms, "
-                        f"store {answer['store_ms']:.0f} ms; {title(answer['model'])}")
+                        f"store {answer['store_ms']:.0f} ms; {title(answer['model'])}, version "
+                        f"{answer['model_version']}")
     if answer["lesions"]:
         st.dataframe([{"lesion": les["id"], "voxels": les["voxels"], "volume (mm³)": les["volume_mm3"],
                        "slices": f"{les['first_slice']}–{les['last_slice']}", "diameter (mm)": les["diameter_mm"],

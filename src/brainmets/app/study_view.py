@@ -103,6 +103,9 @@ def show(study: Study, result: StudyAnswer, masks: np.ndarray, opacity: float, s
     with st.expander("Channels and series"):
         st.dataframe([channel_row(c) for c in answer["channels"]], hide_index=True)
         st.caption("Steps: " + ", ".join(f"{step} {ms / 1000:.2f} s" for step, ms in answer["steps_ms"].items()))
+        st.caption(f"Model version {answer['model_version']}: {title(answer['model'])}, "
+                   + ", ".join(f"{n['network']} {n['runtime']} {n['precision']}"
+                               for n in answer["model_provenance"]["networks"]))
         if answer["series"]:
             st.dataframe([{k: s[k] for k in ("number", "description", "slices", "rows", "columns", "guess", "used_as")}
                           for s in answer["series"]], hide_index=True)
