@@ -105,6 +105,15 @@ def test_ensemble_averages_the_two_networks(client):
     assert np.abs(probs["ensemble"] - (probs["unetpp"] + probs["attention-unet"]) / 2).max() <= 1
 
 
+def test_a_slice_answer_names_the_model_version_tta_included(client):
+    data = encode(".png", IMAGE)
+    plain, tta = (post(client, data, model="unetpp", tta=t) for t in ("false", "true"))
+    assert plain.json()["model_version"].startswith("unetpp-") and tta.json()["model_version"].startswith("unetpp-")
+    assert plain.json()["model_version"] != tta.json()["model_version"]  # TTA changes masks: another version
+    png = post(client, data, model="unetpp", format="png")
+    assert png.headers["x-model-version"] == plain.json()["model_version"]
+
+
 def test_volume_in_nifti_out(client):
     volume = np.stack([GRAY16.T] * 3 + [np.zeros_like(GRAY16)], axis=2).astype(np.int16)
     r = post(client, nifti(volume, AFFINE), "brain.nii.gz", url="/v1/segment/volume")

@@ -242,7 +242,8 @@ def test_device_cuda_without_a_gpu_exits_non_zero_saying_so(command, monkeypatch
 
 
 @pytest.mark.parametrize("env, fragment", [({PRECISION_ENV: "fp8"}, "Input should be 'auto', 'bf16' or 'f32'"),
-                                           ({DEVICE_ENV: "cuda"}, "PyTorch sees no CUDA GPU")])
+                                           ({DEVICE_ENV: "cuda"}, "PyTorch sees no CUDA GPU"),
+                                           ({BATCH_ENV: "0"}, "expected a positive number of slices")])
 def test_the_api_refuses_bad_engine_settings_at_start(env, fragment, monkeypatch):
     from pydantic import ValidationError
 

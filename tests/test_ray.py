@@ -28,6 +28,9 @@ from conftest import write_dataset
 from samples import brain, encode
 
 RAY = Path(sys.executable).with_name("ray")
+# A cluster on loopback for one test module: no usage report, and no token (Ray 2.60 turns token authentication
+# on for a head node depending on what it finds in ~/.ray; the nodes and drivers here must agree).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 NODE = ["--num-cpus", "1", "--object-store-memory", str(100 * 2**20), "--disable-usage-stats", "--block",
         "--node-ip-address", "127.0.0.1"]
 
@@ -39,7 +42,7 @@ def cluster(models_root):
         pytest.skip("ray is not installed (pip install -e .)")
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 characters
     port = free_port()
-    env = {**os.environ, "BRAINMETS_MODELS": str(models_root), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "BRAINMETS_MODELS": str(models_root), "OMP_NUM_THREADS": "1", **RAY_ENV}
     nodes = [subprocess.Popen([str(RAY), "start", "--head", "--port", str(port), "--include-dashboard", "false",
                                "--temp-dir", str(temp), *NODE],
                               env=env, stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT)]
@@ -77,7 +80,8 @@ def wait_for_nodes(address: str, count: int, env: dict, timeout_s: float = 90) -
         if status.returncode == 0 and status.stdout.count("node_") >= count:
             return
         time.sleep(1)
-    raise TimeoutError(f"the Ray cluster at {address} did not show {count} node(s) in {timeout_s:g} s")
+    raise TimeoutError(f"the Ray cluster at {address} did not show {count} node(s) in {timeout_s:g} s: "
+                       f"{status.stdout[-800:]}{status.stderr[-800:]}")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +107,7 @@ def in_process(inputs, models_root, tmp_path_factory) -> Path:
 
 
 def predict(inputs: Path, out: Path, models_root: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "BRAINMETS_MODELS": str(models_root), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "BRAINMETS_MODELS": str(models_root), "OMP_NUM_THREADS": "1", **RAY_ENV}
     return subprocess.Popen([sys.executable, "-m", "brainmets", "predict", str(inputs), "--out", str(out),
                              "-m", "attention-unet", "--no-progress", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

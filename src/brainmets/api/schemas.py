@@ -86,6 +86,9 @@ class SegmentResponse(BaseModel):
 
     model: str = Field(description="The model that answered (`best` is reported as the model it resolved to).",
                        examples=["attention-unet"])
+    model_version: str = Field(description="The model as it ran: its name and the digest of its fingerprint "
+                                           "(brainmets.provenance), as the study route gives it.",
+                               examples=["attention-unet-3f2a9c01b7d4"])
     width: int = Field(examples=[256])
     height: int = Field(examples=[256])
     lesions: list[LesionOut]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from brainmets import study_results
+from brainmets.provenance import fingerprint
 from brainmets.api.schemas import LesionOut, ModelInfo, SegmentResponse, StudyResponse
 from brainmets.config import TrainConfig
 from brainmets.inference import Network, Prediction, Predictor, mean_post
@@ -138,17 +139,18 @@ class InferencePool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def predict_slice(models: Models, data: bytes, choice: str, tta: bool, max_pixels: int) -> tuple[str, Prediction]:
+def predict_slice(models: Models, data: bytes, choice: str, tta: bool, max_pixels: int) -> tuple[str, str, Prediction]:
+    """(model name, model version, prediction) of one slice."""
     image = read_slice(data, max_pixels)
     predictor = models.predictor(choice)
-    return predictor.name, predictor.predict(image.pixels, image.spacing, tta)
+    return predictor.name, fingerprint(predictor, tta).version, predictor.predict(image.pixels, image.spacing, tta)
 
 
 def segment_json(models: Models, data: bytes, choice: str, tta: bool, max_pixels: int) -> SegmentResponse:
-    name, p = predict_slice(models, data, choice, tta, max_pixels)
+    name, version, p = predict_slice(models, data, choice, tta, max_pixels)
     height, width = p.mask.shape
     return SegmentResponse(
-        model=name, width=width, height=height,
+        model=name, model_version=version, width=width, height=height,
         lesions=[LesionOut(area_px=les.area_px, area_mm2=les.area_mm2, centroid=les.centroid, bbox=les.bbox,
                            mean_probability=les.mean_probability) for les in p.lesions],
         lesion_area_px=p.lesion_area_px, lesion_area_mm2=p.lesion_area_mm2,
@@ -157,8 +159,8 @@ def segment_json(models: Models, data: bytes, choice: str, tta: bool, max_pixels
 
 
 def segment_png(models: Models, data: bytes, choice: str, tta: bool, max_pixels: int) -> tuple[bytes, dict[str, str]]:
-    name, p = predict_slice(models, data, choice, tta, max_pixels)
-    headers = {"X-Model": name, "X-Lesion-Area-Px": str(p.lesion_area_px), "X-Lesion-Count": str(len(p.lesions)),
+    name, version, p = predict_slice(models, data, choice, tta, max_pixels)
+    headers = {"X-Model": name, "X-Model-Version": version, "X-Lesion-Area-Px": str(p.lesion_area_px), "X-Lesion-Count": str(len(p.lesions)),
                "X-Inference-Ms": f"{p.seconds * 1000:.1f}"}
     if p.lesion_area_mm2 is not None:
         headers["X-Lesion-Area-Mm2"] = f"{p.lesion_area_mm2:.2f}"

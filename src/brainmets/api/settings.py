@@ -18,6 +18,8 @@
                                  masks disagree with f32's; brainmets.precision); /v1/models says which and why
     BRAINMETS_DEVICE             auto | cpu | cuda (auto: a CUDA GPU where PyTorch sees one, PyTorch with bf16
                                  autocast; else the CPU runtimes); read by the engine, checked here at start
+    BRAINMETS_BATCH              slices per forward pass (unset: measured per network and precision, cached with
+                                 the precision choice); read by the engine, checked here at start
     BRAINMETS_PRELOAD            load every installed model at start-up rather than on first use (true)
     BRAINMETS_DICOMWEB_URL       the PACS of /v1/pacs (DICOMweb base URL; unset: no PACS); credentials in
                                  BRAINMETS_DICOMWEB_USER and _PASSWORD, or _TOKEN, read by brainmets.dicomweb
@@ -34,7 +36,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from brainmets.inference import DEVICES, RUNTIMES, pick_device
 from brainmets.inputs.readers import MAX_PIXELS, MAX_VOXELS
-from brainmets.precision import PRECISIONS
+from brainmets.precision import PRECISIONS, requested_batch
 from brainmets.registry import models_dir
 from brainmets.inputs.study import Limits
 
@@ -60,9 +62,11 @@ class Settings(BaseSettings):
     dicomweb_url: str | None = None
 
     @model_validator(mode="after")
-    def _device_exists(self) -> Settings:
-        """cuda without a GPU, or with a CPU-only runtime, stops the server at start rather than at first use."""
+    def _engine_settings_hold(self) -> Settings:
+        """cuda without a GPU, or with a CPU-only runtime, and a batch that is no positive number stop the server
+        at start rather than at first use."""
         pick_device(self.device, self.runtime)
+        requested_batch()
         return self
 
     @property
