@@ -359,7 +359,8 @@ def assert_answered(r: httpx.Response, shape: tuple[int, int] | None = None) -> 
         assert (r.json()["height"], r.json()["width"]) == shape
 
 
-FUZZ = settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+# No deadline: what is tested is the answer; a loaded machine ran single examples 3x slower than usual.
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VALID = {
     "png": PNG, "jpeg": encode(".jpg", IMAGE), "tiff": encode(".tif", IMAGE), "webp": encode(".webp", IMAGE),
     "dicom": dicom(GRAY16[:32, :32]), "nifti": nifti(np.ones((20, 20, 2), np.int16), AFFINE, gz=False),

@@ -6,6 +6,7 @@ import time
 
 import cv2
 import numpy as np
+import nibabel as nib
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -153,7 +154,8 @@ VALID = {
 }
 
 
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+# No deadline: what is tested is the outcome; a loaded machine ran single examples 3x slower than usual.
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(sorted(VALID)), cut=st.floats(0, 1),
        flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), max_size=8))
 def test_mangled_files_decode_or_raise_image_read_error(kind, cut, flips):
@@ -176,3 +178,9 @@ def test_random_bytes_decode_or_raise_image_read_error(data):
     for read in (read_slice, read_volume):
         with contextlib.suppress(ImageReadError):
             read(data)
+
+
+def test_an_rgb_nifti_is_refused_saying_why():
+    image = nib.Nifti1Image(np.zeros((4, 4, 2), [("R", "u1"), ("G", "u1"), ("B", "u1")]), np.eye(4))
+    with pytest.raises(ImageReadError, match=r"NIfTI of data type .*RGB or complex voxels\): expected integer or real"):
+        read_volume(image.to_bytes())

@@ -27,8 +27,8 @@ import SimpleITK as sitk
 
 from brainmets.inputs.study import CHANNELS, study_from_datasets
 from conftest import REAL_DATA, REPO, api_client
-from dicom_studies import (SEQUENCES, Motion, aligned_volumes, coarser, finer, oblique_axial, patient_slices,
-                           regridded_study, sagittal_3d, synthetic_head, to_files, zip_bytes)
+from dicom_studies import (SEQUENCES, Motion, aligned_volumes, coarser, finer, mr_study, oblique_axial,
+                           patient_slices, regridded_study, sagittal_3d, synthetic_head, to_files, zip_bytes)
 
 PRE, FLAIR, POST = (d for d, _, _ in SEQUENCES)
 PATIENT = "TCGA_DU_7014_19860618"  # in the shipped models' test split: 60 slices, the lesion in slices 21-50
@@ -293,3 +293,17 @@ def test_grids_are_written_with_their_geometry(tmp_path):
     assert len({ds.FrameOfReferenceUID for ds in mr.datasets}) == 1
     tilt = np.degrees(np.arccos(np.reshape(mr.volumes[PRE].GetDirection(), (3, 3))[2, 2]))
     assert 15 <= tilt <= 20
+
+
+def test_a_series_of_another_frame_of_reference_is_registered_from_centred_volumes_with_a_warning():
+    slices, _ = synthetic_head(count=24, size=128, pixel_mm=1.875)
+    study = regridded_study(slices, {"AX T1 SE PRE": oblique_axial()}, own_frame=["AX T1 SE PRE"], pixel_mm=1.875)
+    s = study_from_datasets(study.datasets)
+    assert s.channels[0].alignment in ("registered", "resampled") and s.seconds["register"] > 0
+    assert any("another frame of reference than FLAIR (or none)" in w and "centred volumes" in w for w in s.warnings)
+    aligned = np.stack(study_from_datasets(mr_study(slices, pixel_mm=1.875).datasets).slices)
+    got = np.stack(s.slices)
+    head = aligned[..., 1] > 20
+    assert np.abs(got[..., 0].astype(int) - aligned[..., 0])[head].mean() < 3.0  # in place, from centred volumes
+    off = study_from_datasets(study.datasets, register="off")
+    assert off.channels[0].alignment == "resampled" and any("registration is off" in w for w in off.warnings)

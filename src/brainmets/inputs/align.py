@@ -127,6 +127,9 @@ def _onto(scan: Scan, flair: Scan, grid: sitk.Image, reformatted: bool, register
         t0 = time.perf_counter()
         found = register_rigid(flair.image, scan.image, same_frame=same_frame)
         seconds["register"] += time.perf_counter() - t0
+        if not same_frame:
+            warnings.append(f"{scan.label} is in another frame of reference than FLAIR (or none): its headers' "
+                            f"coordinates say nothing about FLAIR's, so it was registered from centred volumes")
         if found.improved:
             transform, registered = found.transform, True
         else:

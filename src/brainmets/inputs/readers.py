@@ -147,6 +147,9 @@ def read_volume(data: bytes, max_voxels: int = MAX_VOXELS) -> Volume:
         array = np.asanyarray(image.dataobj)  # applies scl_slope / scl_inter
     except Exception as e:  # any failure of nibabel on these bytes means a broken file
         raise ImageReadError(f"unreadable NIfTI volume ({e})") from e
+    if array.dtype.fields is not None or array.dtype.kind not in "biuf":
+        raise ImageReadError(f"NIfTI of data type {image.header.get_data_dtype()} (RGB or complex voxels): expected "
+                             f"integer or real intensities, one volume per sequence")
     if not _geometry_ok(image):
         raise ImageReadError("NIfTI header holds a NaN, infinite or degenerate voxel size or orientation (pixdim, "
                              "quatern_*, srow_*): expected finite numbers and three independent axes")
