@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,12 +73,29 @@ def preprocessed(dataset: Dataset | CaseDataset, cfg: PreprocessConfig, root: Pa
     )
 
 
+@contextmanager
+def _publishing(folder: Path) -> Iterator[tuple[Path, dict]]:
+    """A temporary folder to build a cache in and the index to fill; on success the index is written and the
+    folder renamed into place, so a crash never leaves a half-written cache that a later run would trust."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    index: dict = {}
+    try:
+        yield tmp, index
+        (tmp / "index.json").write_text(json.dumps(index))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished the same cache first; theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _build(dataset: Dataset, cfg: PreprocessConfig, folder: Path, progress: bool) -> None:
     slices = dataset.slices
     size = cfg.image_size
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
+    with _publishing(folder) as (tmp, index):
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (len(slices), size, size, 3))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (len(slices), size, size))
         shapes: dict[str, tuple[int, int]] = {}
@@ -101,16 +120,8 @@ def _build(dataset: Dataset, cfg: PreprocessConfig, folder: Path, progress: bool
         images.flush()
         masks.flush()
         del images, masks
-        index = {"patients": [s.patient for s in slices], "numbers": [s.number for s in slices],
-                 "fingerprint": dataset.fingerprint(), "preprocess": dataclasses.asdict(cfg)}
-        (tmp / "index.json").write_text(json.dumps(index))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished the same cache first; theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        index.update(patients=[s.patient for s in slices], numbers=[s.number for s in slices],
+                     fingerprint=dataset.fingerprint(), preprocess=dataclasses.asdict(cfg))
 
 
 # --- case layouts (brainmets.datasets) ------------------------------------------------------------------------
@@ -155,9 +166,7 @@ def _build_cases(dataset: CaseDataset, cfg: PreprocessConfig, labels: tuple[int,
                  progress: bool) -> None:
     """Each case read, preprocessed and set aside in a part file (hundreds of cases need not fit in memory),
     then the parts joined into the two arrays."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
+    with _publishing(folder) as (tmp, index):
         patients, numbers, counts, notes, skipped = [], [], [], [], list(dataset.skipped)
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task(f"reading {dataset.layout} cases", total=len(dataset.cases))
@@ -190,14 +199,6 @@ def _build_cases(dataset: CaseDataset, cfg: PreprocessConfig, labels: tuple[int,
         images.flush()
         masks.flush()
         del images, masks
-        index = {"patients": patients, "numbers": numbers, "skipped": skipped, "notes": notes,
-                 "layout": dataset.layout, "labels": list(labels) if labels else None,
-                 "fingerprint": dataset.fingerprint(), "preprocess": dataclasses.asdict(cfg)}
-        (tmp / "index.json").write_text(json.dumps(index))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished the same cache first; theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        index.update(patients=patients, numbers=numbers, skipped=skipped, notes=notes, layout=dataset.layout,
+                     labels=list(labels) if labels else None, fingerprint=dataset.fingerprint(),
+                     preprocess=dataclasses.asdict(cfg))
