@@ -280,6 +280,10 @@ def test_train_and_evaluate_on_a_brats_folder(brats_root, nnunet_root, tmp_path)
     assert sorted(p["id"] for p in report["per_patient"]) == sorted(
         [f"BraTS-MET-0000{i}-000" for i in range(4)] + ["BraTS2021_00009", "BraTS-MET-00100-000"])
     assert len(report["skipped"]) == 3
+    shipped = cli("ship", "--run", run, "--data", brats_root, "--out", tmp_path / "shipped", "--no-onnx",
+                  "--data-label", "BraTS-METS phantoms")  # tuned and scored on the labels it learned
+    assert "lesion = labels 1, 2, 3" in " ".join(shipped.output.split())  # rich wraps long lines
+    assert "label values 1, 2, 3" in (tmp_path / "shipped" / "MODEL_CARD.md").read_text()
     # fine-tuning from that run on another layout; a label value dataset.json does not declare is refused
     tuned = tmp_path / "tuned"
     cli("train", "--data", nnunet_root, "--layout", "nnunet", "--model", "unetpp", "--epochs", 1, "--out", tuned,

@@ -386,7 +386,7 @@ def ship(
     from brainmets.checkpoints import load_checkpoint, model_from_checkpoint
 
     _, cfg = model_from_checkpoint(load_checkpoint(resolve(run)))
-    _, arrays = load_arrays(data, cfg.preprocess)
+    _, arrays = load_arrays(data, cfg.preprocess, labels=cfg.labels)  # tuned and scored on what it learned
     metrics = ship_run(run, arrays, out, hardware, data_label, onnx=onnx)
     console.print(f"{out}: test per-patient Dice {metrics['dice_per_patient_mean']:.4f} on {metrics['patients']} patients")
 
