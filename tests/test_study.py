@@ -77,6 +77,8 @@ def test_flair_only_fills_every_channel(slices):
     study = mr_study(slices, sequences=SEQUENCES[1:2])
     s = study_from_datasets(study.datasets)
     assert [c.how for c in s.channels] == ["filled with FLAIR", "description", "filled with FLAIR"]
+    assert [(c.alignment, c.coverage) for c in s.channels] == [("filled with FLAIR", None), ("same grid", 1.0),
+                                                               ("filled with FLAIR", None)]
     for got, want in zip(s.slices, slices):
         assert (got == want[..., 1:2]).all()
 

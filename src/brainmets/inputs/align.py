@@ -95,12 +95,11 @@ def align(flair: Scan, scans: list[Scan | None], register: str, warnings: list[s
     channels, out = [], []
     for scan in scans:
         if scan is None or scan is flair:
-            channels.append(Alignment("filled with FLAIR" if scan is None else "same grid", coverage=1.0))
+            channels.append(Alignment("filled with FLAIR") if scan is None else Alignment("same grid", coverage=1.0))
             out.append(flair_voxels)
             continue
         started = time.perf_counter()
-        voxels, alignment = _onto(scan, flair, grid, reformatted, register, warnings, seconds)
-        voxels, covered = voxels
+        voxels, covered, alignment = _onto(scan, flair, grid, reformatted, register, warnings, seconds)
         coverage = float(covered[head].mean()) if head.any() else float(covered.mean())
         if coverage < LOW_COVERAGE:
             warnings.append(f"{scan.label} covers {coverage:.0%} of the FLAIR series' head: FLAIR fills the rest of "
@@ -113,7 +112,7 @@ def align(flair: Scan, scans: list[Scan | None], register: str, warnings: list[s
 
 def _onto(scan: Scan, flair: Scan, grid: sitk.Image, reformatted: bool, register: str, warnings: list[str],
           seconds: dict[str, float]):
-    """((voxels, covered) on the grid, Alignment) of one scan."""
+    """One scan on the grid: its voxels, which of them it covers, and how it got there."""
     same_frame = scan.frame is not None and scan.frame == flair.frame
     on_grid = same_frame and geometry.same_grid(scan.image, flair.image)
     if scan.frame is None and flair.frame is None and scan.shape == flair.shape:
@@ -143,11 +142,12 @@ def _onto(scan: Scan, flair: Scan, grid: sitk.Image, reformatted: bool, register
     t0 = time.perf_counter()
     if on_grid and transform is None and not reformatted:
         voxels = sitk.GetArrayFromImage(geometry.axial(scan.image))
-        placed = voxels, np.ones(voxels.shape, bool)
+        covered = np.ones(voxels.shape, bool)
     else:
-        placed = geometry.resample_onto(scan.image, grid, transform)
+        voxels, covered = geometry.resample_onto(scan.image, grid, transform)
     seconds["resample"] += time.perf_counter() - t0
     if registered:
-        return placed, Alignment("registered", round(found.rotation_deg, 2), round(found.shift_mm, 2))
-    return placed, Alignment("same grid" if on_grid and transform is None and not reformatted else "resampled")
+        return voxels, covered, Alignment("registered", round(found.rotation_deg, 2), round(found.shift_mm, 2))
+    as_is = on_grid and transform is None and not reformatted
+    return voxels, covered, Alignment("same grid" if as_is else "resampled")
 
