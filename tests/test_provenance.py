@@ -56,6 +56,20 @@ def test_what_changes_a_mask_changes_the_fingerprint(models):
     assert changed["precision"].networks[0]["precision"] != base.networks[0]["precision"]
 
 
+def test_a_study_s_result_carries_the_registration_setting_the_study_was_read_with(models):
+    from dicom_studies import mr_study
+    from samples import brain
+
+    from brainmets.inputs.study import study_from_datasets
+    from brainmets.study_results import segment_study
+
+    predictor = Predictor.load("attention-unet", threads=1)
+    datasets = mr_study([brain(64, seed=s)[0] for s in range(3)]).datasets
+    results = {r: segment_study(predictor, study_from_datasets(datasets, register=r)) for r in ("auto", "off")}
+    assert {r: result.fingerprint.register for r, result in results.items()} == {"auto": "auto", "off": "off"}
+    assert results["auto"].version == fingerprint(predictor, register="auto").version != results["off"].version
+
+
 def test_a_retune_changes_the_fingerprint(models):
     """`brainmets select` rewrites the ensemble's postprocess.json; `brainmets ship` re-tunes a network in place,
     saving its checkpoint again with the new rule."""

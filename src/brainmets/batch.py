@@ -501,7 +501,7 @@ def _segment_study(predictor: Predictor, job: Job, read: Callable[[str], bytes],
     numbered slice's mask; the caller adds the NIfTI mask, last, as the mark of a finished study."""
     study = study_from_files(((key, read(key)) for key, _ in job.members), name=job.file,
                              register=register, channel_names=job.channels or None)
-    result = segment_study(predictor, study, tta, register)
+    result = segment_study(predictor, study, tta)
     stem = job.mask.removesuffix("_mask.nii.gz")  # a study's <folder> or <case>, a volume's <name>
     files = {f"{stem}_lesions.csv": result.lesions_csv().encode()}
     if study.kind == "dicom":

@@ -56,8 +56,7 @@ def segment_in_pacs(pacs: Pacs, predictor: Predictor, study_uid: str, tta: bool 
     seconds["fetch"], t0 = time.perf_counter() - t0, time.perf_counter()
     progress("segmenting")
     try:
-        result = segment_study(predictor, study_from_datasets(datasets, name=study_uid, register=register),
-                               tta, register)
+        result = segment_study(predictor, study_from_datasets(datasets, name=study_uid, register=register), tta)
         seg = dcmread(io.BytesIO(result.dicom_seg()))  # UIDs derived from the study and the model version
     except ValueError as e:  # the study's fault: StudyError, ImageReadError, InputError
         raise UnusableStudy(f"study {study_uid} cannot be segmented: {e}") from None

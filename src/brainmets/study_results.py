@@ -1,7 +1,7 @@
 """A study through the engine in one call, and what comes out: 3-D lesions, the NIfTI mask on the input's
 grid, a DICOM SEG referencing the FLAIR series, the lesion table as JSON and CSV.
 
-    result = segment_study(predictor, study, tta=False, register="auto")
+    result = segment_study(predictor, study, tta=False)
     result.lesions          # 3-D lesions (26-connected), largest first
     result.fingerprint      # what made the mask (brainmets.provenance)
     result.nifti_gz()       # the mask on the input's grid
@@ -183,11 +183,11 @@ def seg_uids(study_uid: str, version: str) -> tuple[str, str]:
             generate_uid(entropy_srcs=[study_uid, version, "instance"]))
 
 
-def segment_study(predictor: Predictor, study: Study, tta: bool = False, register: str = "auto") -> StudyResult:
-    """The whole study in one engine call, then its 3-D lesions. `register` is the setting the study was read
-    with: it goes into the result's fingerprint."""
+def segment_study(predictor: Predictor, study: Study, tta: bool = False) -> StudyResult:
+    """The whole study in one engine call, then its 3-D lesions; the study's registration setting goes into the
+    result's fingerprint."""
     t0 = time.perf_counter()
     stack = predictor.predict_stack(study.slices, tta=tta)
     lesions = find_lesions_3d(stack.probability, stack.mask, study.spacing)
     return StudyResult(study, predictor.name, stack.probability, stack.mask, lesions, time.perf_counter() - t0,
-                       fingerprint(predictor, tta, register))
+                       fingerprint(predictor, tta, study.register))

@@ -188,7 +188,7 @@ def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: L
     if output == "dicom-seg" and not study.reference:  # refused before the engine runs, not after
         raise StudyError(f"a DICOM SEG needs DICOM input; this study was read from {study.kind} (ask for the NIfTI "
                          f"mask instead)")
-    result = study_results.segment_study(models.predictor(choice, lesion_mode), study, tta, register)
+    result = study_results.segment_study(models.predictor(choice, lesion_mode), study, tta)
     answer = study_response(result, time.perf_counter() - t0)
     if output == "json":
         return answer

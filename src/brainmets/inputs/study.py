@@ -103,6 +103,7 @@ class Study:
     volume: Volume | None = field(default=None, repr=False)  # NIfTI input: FLAIR's file, whose header the mask keeps
     files: list[str] = field(default_factory=list)  # numbered slices: the file each slice came from
     seconds: dict[str, float] = field(default_factory=dict)  # read, resample, register
+    register: str = "auto"  # the registration setting it was read with: part of a mask's model version
 
     def on_source_grid(self, mask: np.ndarray) -> np.ndarray:
         """A (N, H, W) mask of the slices on FLAIR's own grid, (slices, rows, columns) of its series or file:
@@ -159,7 +160,7 @@ def study_from_datasets(datasets: Sequence[Dataset], channels: Mapping[str, str]
     sources = [ChannelSource(c, None, "FLAIR", how) if s is None else ChannelSource(c, s.uid, s.description, how)
                for c, (s, how) in zip(CHANNELS, chosen)]
     return _study(name, "dicom", aligned, sources, scans[flair.uid].image, known_spacing=bool(flair.step and pixel_mm),
-                  read_s=read_s, warnings=warnings, ignored=ignored, reference=flair.datasets,
+                  read_s=read_s, warnings=warnings, ignored=ignored, reference=flair.datasets, register=register,
                   series=[SeriesInfo(s.uid, s.number, s.description, len(s.datasets), int(s.first.Rows),
                                      int(s.first.Columns), s.guess, used.get(id(s))) for s in series])
 
@@ -272,12 +273,12 @@ def study_from_files(files: Iterable[tuple[str, bytes]], channels: Mapping[str, 
         ignored += [f"{key}: an image file beside NIfTI volumes" for key, _ in images]
         return _nifti_files(volumes, descriptions, channel_names, limits, name, ignored, register)
     if images:
-        return _numbered_slices(images, limits, name, ignored, channels)
+        return _numbered_slices(images, limits, name, ignored, channels, register)
     raise StudyError(_nothing_found("no DICOM file or image", ignored))
 
 
 def _numbered_slices(images: list[tuple[str, bytes]], limits: Limits, name: str, ignored: list[str],
-                     channels: Mapping[str, str] | None) -> Study:
+                     channels: Mapping[str, str] | None, register: str) -> Study:
     """This dataset's layout: `<patient>_<n>.<ext>`, ordered by n; each image's channels in model order."""
     if len(images) > limits.max_slices:
         raise StudyTooLarge(f"{len(images):,} slices; the limit is {limits.max_slices:,} per study")
@@ -311,7 +312,8 @@ def _numbered_slices(images: list[tuple[str, bytes]], limits: Limits, name: str,
     stack = _channels_8bit(np.stack(pixels), name)
     grid = geometry.image(np.zeros(stack.shape[:3], np.float32), (0, 0, 0), (1, 1, 1), np.eye(3), name)  # unknown
     return Study(name=name, kind="slices", slices=list(stack), spacing=None, channels=_file_channels(stack[0]),
-                 grid=grid, source_grid=grid, warnings=warnings, ignored=ignored, files=[key for _, key, _ in numbered])
+                 grid=grid, source_grid=grid, warnings=warnings, ignored=ignored, files=[key for _, key, _ in numbered],
+                 register=register)
 
 
 def _channels_8bit(stack: np.ndarray, label: str) -> np.ndarray:
@@ -344,7 +346,7 @@ def study_from_volume(volume: Volume, name: str = "study", register: str = "auto
         if len(scans) == 3 else [ChannelSource(c, None, name if c == "flair" else "FLAIR",
                                                "file" if c == "flair" else "filled with FLAIR") for c in CHANNELS]
     return _study(name, "nifti", aligned, sources, flair.image, known_spacing=True, read_s=time.perf_counter() - t0,
-                  warnings=warnings, volume=volume)
+                  warnings=warnings, volume=volume, register=register)
 
 
 def _nifti_files(volumes: list[tuple[str, bytes]], descriptions: list[tuple[str, bytes]],
@@ -400,7 +402,7 @@ def _nifti_files(volumes: list[tuple[str, bytes]], descriptions: list[tuple[str,
     if "t2" in case.files:
         ignored.append(f"{case.files['t2']}: T2, read as part of the case but not used by the models")
     return _study(case.case, "nifti case", aligned, sources, scans["flair"].image, known_spacing=True, read_s=read_s,
-                  warnings=warnings, ignored=ignored, volume=read[reference])
+                  warnings=warnings, ignored=ignored, volume=read[reference], register=register)
 
 
 def study_from_upload(data: bytes, channels: Mapping[str, str] | None = None, limits: Limits = Limits(),
