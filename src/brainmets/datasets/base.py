@@ -134,21 +134,17 @@ def onto_slices(study: Study, label: sitk.Image, where: str) -> tuple[np.ndarray
     """A label volume (with its own geometry) as int16 (N, H, W) on the study's slices, nearest neighbour;
     and notes on what was done."""
     if geometry.same_grid(label, study.source_grid):
-        image = geometry.like(sitk.GetArrayFromImage(label), study.source_grid)
-        image = sitk.Resample(image, study.grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0) if study.reformatted \
-            else geometry.axial(image)
-        notes = []
-    elif label.GetSize() == study.source_grid.GetSize():
+        return np.rint(study.from_source_grid(sitk.GetArrayFromImage(label))).astype(np.int16), []
+    if label.GetSize() == study.source_grid.GetSize():
         raise CaseError(f"{where}: the size of the FLAIR file's grid ({'x'.join(map(str, label.GetSize()))}) but "
                         f"another affine (origin {_mm(label.GetOrigin())} vs {_mm(study.source_grid.GetOrigin())} mm, "
                         f"spacing {_mm(label.GetSpacing())} vs {_mm(study.source_grid.GetSpacing())} mm): a label "
                         f"written without its image's header? Not resampled: write it with the FLAIR file's affine")
-    else:
-        _check_inside(label, study.grid, where)
-        image = sitk.Resample(label, study.grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-        notes = [f"{where}: on another grid than FLAIR's ({'x'.join(map(str, label.GetSize()))} voxels of "
-                 f"{'x'.join(f'{s:.3g}' for s in label.GetSpacing())} mm): resampled onto it, nearest neighbour"]
-    return np.rint(sitk.GetArrayFromImage(image)).astype(np.int16), notes
+    _check_inside(label, study.grid, where)
+    image = sitk.Resample(label, study.grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return np.rint(sitk.GetArrayFromImage(image)).astype(np.int16), [
+        f"{where}: on another grid than FLAIR's ({'x'.join(map(str, label.GetSize()))} voxels of "
+        f"{'x'.join(f'{s:.3g}' for s in label.GetSpacing())} mm): resampled onto it, nearest neighbour"]
 
 
 def _check_inside(label: sitk.Image, grid: sitk.Image, where: str) -> None:

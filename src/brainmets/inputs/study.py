@@ -119,16 +119,20 @@ class Study:
         """Voxel (column, row, slice) of FLAIR's own grid -> RAS mm: the mask NIfTI's affine."""
         return self.volume.affine if self.volume is not None else geometry.nifti_affine(self.source_grid)
 
-    def mask_slices(self, nifti: bytes) -> np.ndarray:
-        """A mask of this study as NIfTI (`StudyResult.nifti_gz`, or the API's) back on the slices' grid: bool
-        (N, H, W), the inverse of `on_source_grid`."""
-        mask = read_volume(nifti)
-        image = geometry.like(np.asarray(mask.data).transpose(2, 1, 0).astype(np.uint8), self.source_grid)
+    def from_source_grid(self, voxels: np.ndarray) -> np.ndarray:
+        """(slices, rows, columns) voxels on FLAIR's own grid (a mask, a label volume) on the slices' grid,
+        nearest neighbour where FLAIR was resampled: (N, H, W), the inverse of `on_source_grid`."""
+        image = geometry.like(np.asarray(voxels), self.source_grid)
         if self.reformatted:
             image = sitk.Resample(image, self.grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         else:
             image = geometry.axial(image)
-        return sitk.GetArrayFromImage(image) > 0
+        return sitk.GetArrayFromImage(image)
+
+    def mask_slices(self, nifti: bytes) -> np.ndarray:
+        """A mask of this study as NIfTI (`StudyResult.nifti_gz`, or the API's) back on the slices' grid: bool
+        (N, H, W)."""
+        return self.from_source_grid(np.asarray(read_volume(nifti).data).transpose(2, 1, 0).astype(np.uint8)) > 0
 
 
 # --- DICOM -----------------------------------------------------------------------------------------------
