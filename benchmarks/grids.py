@@ -34,9 +34,9 @@ sys.path[:0] = [str(HERE), str(REPO / "tests")]
 import numpy as np  # noqa: E402
 from dicom_studies import (Motion, mr_study, oblique_axial, patient_slices, regridded_study,  # noqa: E402
                            sagittal_3d)
-from study import cpu_name  # noqa: E402
 
 from brainmets.inference import Predictor  # noqa: E402
+from brainmets.precision import cpu_name  # noqa: E402
 from brainmets.inputs.study import study_from_datasets  # noqa: E402
 from brainmets.metrics import dice  # noqa: E402
 from brainmets.study_results import segment_study  # noqa: E402

@@ -49,6 +49,7 @@ from brainmets.data import open_dataset
 from brainmets.evaluation import engine_probabilities, report
 from brainmets.inference import Network, Predictor, resize_probability
 from brainmets.metrics import dice
+from brainmets.precision import cpu_name
 from brainmets.preprocessing import normalize
 from brainmets.registry import ENSEMBLE, SHIPPED, best_name, ensemble_post, models_dir
 
@@ -347,9 +348,7 @@ def machine() -> str:
     import onnxruntime
     import openvino
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores; Python {platform.python_version()}, torch {torch.__version__}, "
+    return (f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores; Python {platform.python_version()}, torch {torch.__version__}, "
             f"onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__.split('-')[0]}")
 
 

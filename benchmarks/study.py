@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,8 @@ sys.path[:0] = [str(HERE), str(REPO / "tests")]
 
 from dicom_studies import (Motion, oblique_axial, patient_slices, regridded_study,  # noqa: E402
                            sagittal_3d, synthetic_head, to_files, zip_bytes)
+
+from brainmets.precision import cpu_name  # noqa: E402
 
 DATA = Path(os.environ.get("BRAINMETS_DATA", REPO.parent / "shared" / "data" / "lgg"))
 MOTION = Motion(3.0, axis=(1.0, 1.0, 1.0), shift_mm=(1.5, -1.5, 1.3229))  # 3 deg, 2.5 mm
@@ -48,16 +49,6 @@ def study_arguments(doc: str, repeats: int, slices: int = 40):
                                    if len(list(p.glob("*_mask.*"))) >= args.slices)
     images, _ = patient_slices(patient, count=args.slices)
     return args, patient, images
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
