@@ -343,7 +343,7 @@ def run_batch(jobs: list[Job], out: Path, model: str, workers: int | None = 1, t
         threads = max(1, _cores() // workers) if workers > 1 else 0
         where = "in this process" if workers == 1 else f"{workers} workers of {_n(threads, 'thread')}"
     console.print(f"{_n(len(todo), 'file')} to segment with {version.version} "
-                  f"({'; '.join(n.summary for n in predictor.networks)}), {where}"
+                  f"({predictor.summary}), {where}"
                   + (f"; {skipped} done by an earlier run" if skipped else "")
                   + (f"; {stale} made by another model version, redone" if stale else ""), soft_wrap=True)
     columns = (TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

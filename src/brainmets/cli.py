@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from brainmets.config import LESION_MODES, MODEL_NAMES, PreprocessConfig, TrainConfig, make_config
+from brainmets.datasets import LAYOUTS
 from brainmets.inputs.align import REGISTER
 from brainmets.registry import CHOICES
 
@@ -24,7 +25,7 @@ console = Console(stderr=True)
 
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="The Data.zip or a folder of <name>.tif + <name>_mask.tif pairs (also png/webp/jpg), at any depth.")]
 CasesDataOpt = Annotated[Path, typer.Option("--data", "-d", help="A folder or zip: the reference layout (<name>.tif + <name>_mask.tif pairs, also png/webp/jpg, at any depth), BraTS case folders (<case>-t2f/-t1n/-t1c/-seg.nii.gz or <case>_flair/_t1/_t1ce/_seg), an nnU-Net raw dataset (dataset.json, imagesTr/, labelsTr/) or DICOM studies each with a DICOM SEG; detected from what is there (see --layout).")]
-Layout = Enum("Layout", [(name, name) for name in ("auto", "reference", "brats", "nnunet", "dicom-seg")], type=str)
+Layout = Enum("Layout", [(name, name) for name in LAYOUTS], type=str)
 LayoutOpt = Annotated[Layout, typer.Option(help="The layout of --data; auto detects it from what is there.")]
 LabelsOpt = Annotated[Optional[str], typer.Option(help="Label values forming the lesion in a case layout's label files, comma-separated, e.g. 1,3 (BraTS-METS: 1 necrosis, 2 oedema, 3 enhancing); default: every non-zero label.")]
 
@@ -38,11 +39,6 @@ RegisterOpt = Annotated[Register, typer.Option(help="Rigid registration of each 
 
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto (a CUDA GPU where PyTorch sees one, else the CPU), cpu or cuda; default: $BRAINMETS_DEVICE, else auto.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto (whichever of f32 and bf16 measured faster on this machine, f32 where bf16's masks disagree), bf16 or f32; default: $BRAINMETS_PRECISION, else auto.")]
-
-
-def engines(predictor) -> str:
-    """Which runtime and precision each network runs, and why: said before the work starts."""
-    return "; ".join(n.summary for n in predictor.networks)
 
 
 def device_for_this_process(device: str | None) -> None:
@@ -241,10 +237,10 @@ def evaluate(
     if threshold is not None:
         predictor.post = dataclasses.replace(predictor.post, threshold=threshold)
     version = fingerprint(predictor)  # preprocessed arrays: no study is read, so no registration setting
-    console.print(f"evaluating {version.version} on {engines(predictor)}", soft_wrap=True)
+    console.print(f"evaluating {version.version} on {predictor.summary}", soft_wrap=True)
     path = predictor.networks[0].checkpoint
     lesion_labels = parse_labels(labels) if labels else next(
-        (n.cfg.labels for n in predictor.networks if getattr(n.cfg, "labels", None)), None)
+        (n.cfg.labels for n in predictor.networks if n.cfg.labels), None)
     dataset, arrays = load_arrays(data, predictor.preprocess_cfg, layout.value, lesion_labels)
     if side == Side.all:
         patients = arrays.patient_ids()
@@ -472,7 +468,7 @@ def _pacs_predictor(model: str, device: str | None):
     from brainmets.inference import Predictor
 
     predictor = Predictor.load(model, device=device)
-    console.print(f"{predictor.name} on {engines(predictor)}", soft_wrap=True)
+    console.print(f"{predictor.name} on {predictor.summary}", soft_wrap=True)
     return predictor
 
 

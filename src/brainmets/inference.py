@@ -367,6 +367,11 @@ class Predictor:
             raise InputError(str(e)) from e
 
     @property
+    def summary(self) -> str:
+        """Which runtime, precision and batch each network runs, and why: said before the work starts."""
+        return "; ".join(net.summary for net in self.networks)
+
+    @property
     def chunk(self) -> int:
         """Slices preprocessed and inferred together: the networks' largest batch; each network splits a chunk
         (three times as many images with TTA) into its own batches."""
