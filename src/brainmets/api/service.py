@@ -160,8 +160,8 @@ def segment_json(models: Models, data: bytes, choice: str, tta: bool, max_pixels
 
 def segment_png(models: Models, data: bytes, choice: str, tta: bool, max_pixels: int) -> tuple[bytes, dict[str, str]]:
     name, version, p = predict_slice(models, data, choice, tta, max_pixels)
-    headers = {"X-Model": name, "X-Model-Version": version, "X-Lesion-Area-Px": str(p.lesion_area_px), "X-Lesion-Count": str(len(p.lesions)),
-               "X-Inference-Ms": f"{p.seconds * 1000:.1f}"}
+    headers = {"X-Model": name, "X-Model-Version": version, "X-Lesion-Area-Px": str(p.lesion_area_px),
+               "X-Lesion-Count": str(len(p.lesions)), "X-Inference-Ms": f"{p.seconds * 1000:.1f}"}
     if p.lesion_area_mm2 is not None:
         headers["X-Lesion-Area-Mm2"] = f"{p.lesion_area_mm2:.2f}"
     return p.mask_png(), headers
@@ -173,8 +173,9 @@ def segment_volume(models: Models, data: bytes, choice: str, tta: bool, max_voxe
     result = study_results.segment_study(models.predictor(choice, lesion_mode),
                                          study_from_volume(read_volume(data, max_voxels), "volume"), tta)
     volume = result.on_grid()
-    headers = {"X-Model": result.model, "X-Model-Version": result.version, "X-Lesion-Volume-Mm3": f"{volume.lesion_volume_mm3:.2f}",
-               "X-Lesion-Voxels": str(volume.lesion_voxels), "X-Inference-Ms": f"{result.seconds * 1000:.1f}"}
+    headers = {"X-Model": result.model, "X-Model-Version": result.version,
+               "X-Lesion-Volume-Mm3": f"{volume.lesion_volume_mm3:.2f}", "X-Lesion-Voxels": str(volume.lesion_voxels),
+               "X-Inference-Ms": f"{result.seconds * 1000:.1f}"}
     return volume.nifti_gz(), headers
 
 
@@ -198,7 +199,8 @@ def segment_study(models: Models, data: bytes, choice: str, tta: bool, limits: L
         body, media_type, name = result.nifti_gz(), "application/gzip", "study_mask.nii.gz"
     else:
         body, media_type, name = result.dicom_seg(), "application/dicom", "study.seg.dcm"
-    return body, media_type, {"X-Model": result.model, "X-Model-Version": result.version, "X-Lesion-Count": str(len(result.lesions)),
+    return body, media_type, {"X-Model": result.model, "X-Model-Version": result.version,
+                              "X-Lesion-Count": str(len(result.lesions)),
                               "X-Lesion-Voxels": str(result.lesion_voxels),
                               "X-Inference-Ms": f"{result.seconds * 1000:.1f}",
                               "Content-Disposition": f'attachment; filename="{name}"'}
